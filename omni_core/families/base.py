@@ -1,0 +1,84 @@
+"""What every model family module declares. One subclass per family; nothing family-specific elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import diffusers
+import torch
+
+from ..errors import InvalidInput
+from ..request import GenerationRequest
+from ..source import ModelSource
+
+
+@dataclass
+class PipelineCall:
+    """Keyword arguments for the diffusers pipeline, plus notes for the report about inputs that did not apply."""
+
+    kwargs: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    transformer_calls_per_step: int = 1
+
+
+class ModelFamily:
+    name: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    # What the Sampler's `cfg` input becomes for this family (shown in the report and the tooltip).
+    cfg_meaning: ClassVar[str]
+    # Pipeline attributes holding denoisers (Wan 2.2 has two).
+    denoiser_attrs: ClassVar[tuple[str, ...]] = ("transformer",)
+
+    def pipeline_class(self, source: ModelSource) -> type:
+        return getattr(diffusers, source.pipeline_class_name)
+
+    def load(self, source: ModelSource, dtype: torch.dtype, device: str):
+        pipeline = self.pipeline_class(source).from_pretrained(
+            str(source.folder), torch_dtype=dtype, local_files_only=True
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
+
+    # --- requests -------------------------------------------------------------------------------
+    def size_multiple(self, source: ModelSource) -> int:
+        raise NotImplementedError
+
+    def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
+        request.check()
+        multiple = self.size_multiple(source)
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if value % multiple:
+                lower = max(multiple, value - value % multiple)
+                raise InvalidInput(
+                    name,
+                    f"{value} is not a multiple of {multiple}, which {self.name} models need "
+                    f"(VAE downscale x patch size).",
+                    f"multiples of {multiple}, e.g. {lower} or {lower + multiple}",
+                )
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        raise NotImplementedError
+
+    # --- latents and decoding -------------------------------------------------------------------
+    def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result -> ComfyUI LATENT samples in the VAE's own space."""
+        raise NotImplementedError
+
+    def latent_to_vae_input(self, pipeline, samples: torch.Tensor) -> torch.Tensor:
+        return samples
+
+    def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
+        """VAE output in [-1, 1] -> ComfyUI IMAGE (B, H, W, C) in [0, 1], as the pipeline's postprocess does."""
+        return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+
+    def latent_channels(self, pipeline) -> int:
+        raise NotImplementedError
+
+    # --- structure, for probes and accelerators ---------------------------------------------------
+    def denoisers(self, pipeline) -> dict[str, torch.nn.Module]:
+        return {attr: getattr(pipeline, attr) for attr in self.denoiser_attrs if getattr(pipeline, attr, None) is not None}
+
+    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        raise NotImplementedError

@@ -1,0 +1,130 @@
+"""The run scope: check everything, apply the recipe to the loaded model, denoise, restore in `finally`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .probes import block_probe_target, counting_calls, timing_calls
+from .recipe import OmniPipe
+from .report import MemoryWatch, RunReport
+from .request import GenerationRequest
+from .store import LoadedModel, ModelStore
+
+log = logging.getLogger("omni_accel")
+
+# Called after each denoising step with (steps done, total steps, current latents). It may raise to
+# cancel the run (ComfyUI's progress bar does on Cancel); the run scope still restores the model.
+StepListener = Callable[[int, int, torch.Tensor], None]
+
+
+class Run:
+    """One generation in progress. Accelerators read and patch the pipeline through this object."""
+
+    def __init__(self, loaded: LoadedModel, request: GenerationRequest, report: RunReport):
+        self.loaded = loaded
+        self.pipeline = loaded.pipeline
+        self.family = loaded.family
+        self.request = request
+        self.report = report
+        self.steps_done = 0  # denoising steps finished so far; accelerators use it as the step index
+
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        return self.family.denoisers(self.pipeline)
+
+
+@dataclass
+class GenerationResult:
+    latent: torch.Tensor  # ComfyUI LATENT samples, in the family's VAE latent space
+    report: RunReport
+
+
+@contextmanager
+def run_scope(pipe: OmniPipe, loaded: LoadedModel, request: GenerationRequest, report: RunReport) -> Iterator[Run]:
+    run = Run(loaded, request, report)
+    with ExitStack() as stack:
+        for accelerator in pipe.recipe:
+            stack.enter_context(accelerator.applied(run))
+        yield run
+
+
+def generate(
+    pipe: OmniPipe,
+    request: GenerationRequest,
+    store: ModelStore,
+    on_step: StepListener | None = None,
+) -> GenerationResult:
+    spec = pipe.spec
+    family = spec.model_family
+    family.check_request(spec.source, request)
+    for accelerator in pipe.recipe:
+        accelerator.check_request(spec, request)
+
+    report = RunReport(
+        model=spec.name,
+        family=family.name,
+        pipeline=spec.source.pipeline_class_name,
+        dtype=spec.dtype,
+        device=spec.device,
+        request={k: v for k, v in asdict(request).items() if k not in ("prompt", "negative_prompt")},
+        cfg_meaning=family.cfg_meaning,
+        recipe=pipe.describe(),
+    )
+    with report.stage("load"):
+        loaded, loaded_now = store.get(spec)
+    report.counters["loaded_this_run"] = loaded_now
+    memory = MemoryWatch(spec.device)
+
+    with run_scope(pipe, loaded, request, report) as run:
+        call = family.pipeline_call(run.pipeline, request)
+        for message in call.notes:
+            report.note(message)
+
+        def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
+            run.steps_done = step + 1
+            memory.sample()
+            if on_step is not None:
+                on_step(step + 1, request.steps, tensors.get("latents"))
+            return {}
+
+        with ExitStack() as probes:
+            denoiser_calls = {n: probes.enter_context(counting_calls(m)) for n, m in run.denoisers().items()}
+            block_counters = [
+                probes.enter_context(counting_calls(block_probe_target(block)))
+                for m in run.denoisers().values()
+                for block in family.transformer_blocks(m)
+            ]
+            text_encoder = getattr(run.pipeline, "text_encoder", None)
+            encode_timer = probes.enter_context(timing_calls(text_encoder)) if text_encoder is not None else None
+            with report.stage("pipeline"):
+                output = run.pipeline(
+                    **call.kwargs, generator=request.cpu_generator(), callback_on_step_end=step_end, return_dict=False
+                )[0]
+        with report.stage("to_latent"):
+            latent = family.output_to_latent(run.pipeline, output, request)
+
+    calls = sum(c.calls for c in denoiser_calls.values())
+    blocks_per_call = len(block_counters) // max(len(denoiser_calls), 1)
+    computed = sum(c.calls for c in block_counters)
+    report.counters.update(
+        steps=request.steps,
+        transformer_calls=calls,
+        expected_transformer_calls=request.steps * call.transformer_calls_per_step,
+        block_passes={
+            "computed": computed,
+            "possible": calls * blocks_per_call,
+            "fraction_computed": round(computed / max(calls * blocks_per_call, 1), 4),
+        },
+        memory=memory.result(),
+    )
+    if encode_timer is not None:
+        report.stages["text_encode"] = round(encode_timer.seconds, 4)
+    log.info(
+        "Omni Accel: %s, %d steps, %d transformer calls, %.2f s",
+        spec.name, request.steps, calls, report.stages.get("pipeline", 0.0),
+    )
+    return GenerationResult(latent=latent, report=report)

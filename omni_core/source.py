@@ -1,0 +1,68 @@
+"""A diffusers model folder on disk: what it declares, read without loading any weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .errors import InvalidInput, ModelLoadError
+from .weights_check import safetensors_problem
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """`folder` holds model_index.json plus one subfolder per component, as `save_pretrained` writes it."""
+
+    folder: Path
+    name: str  # how the user picked it (the Loader's combo value); used in messages
+
+    @classmethod
+    def open(cls, folder: str | Path, name: str | None = None) -> "ModelSource":
+        folder = Path(folder).resolve()
+        name = name or folder.name
+        if not (folder / "model_index.json").is_file():
+            raise InvalidInput(
+                "model",
+                f"'{name}' ({folder}) is not a diffusers model folder: it has no model_index.json.",
+            )
+        return cls(folder=folder, name=name)
+
+    @cached_property
+    def model_index(self) -> dict:
+        try:
+            return json.loads((self.folder / "model_index.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"model: {self.folder / 'model_index.json'} is not valid JSON ({exc}).") from exc
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return str(self.model_index.get("_class_name", "<missing _class_name>"))
+
+    def component_config(self, component: str) -> dict:
+        path = self.folder / component / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"model: '{self.name}' has no {component}/config.json.")
+        return json.loads(path.read_text())
+
+    def weight_files(self) -> list[Path]:
+        return sorted(self.folder.glob("*/*.safetensors"))
+
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weight_files())
+
+    def fingerprint(self) -> tuple:
+        """Changes when any weights file is replaced, so a re-exported folder is loaded afresh."""
+        return tuple(
+            (str(p.relative_to(self.folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in self.weight_files()
+        )
+
+    def check_weight_files(self) -> None:
+        for path in self.weight_files():
+            problem = safetensors_problem(path)
+            if problem:
+                raise ModelLoadError(
+                    f"model: the weights file {path.relative_to(self.folder)} of '{self.name}' is corrupt: "
+                    f"{problem}. Re-download or re-export that file."
+                )

@@ -1,0 +1,131 @@
+"""Loaded pipelines, kept once per (folder, dtype, device) and released on request.
+
+Nothing else holds a loaded pipeline between runs: an OMNI_PIPE carries only a LoadSpec, so releasing
+here really frees the memory, and the next run loads again.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .devices import DTYPES, resolve_device, resolve_dtype
+from .errors import ModelLoadError, OmniError
+from .families import ModelFamily, family_by_name, family_for_source
+from .source import ModelSource
+
+log = logging.getLogger("omni_accel")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides which weights end up in memory. Hashable: it is the cache key."""
+
+    folder: str
+    name: str
+    family: str
+    dtype: str
+    device: str
+    fingerprint: tuple = field(default=(), compare=True, repr=False)
+
+    @classmethod
+    def create(cls, folder: str, name: str, dtype: str = "auto", device: str = "auto") -> "LoadSpec":
+        """Resolves choices and checks the folder (family supported, weights sound) without loading it."""
+        source = ModelSource.open(folder, name)
+        family = family_for_source(source)
+        device = resolve_device(device)
+        return cls(
+            folder=str(source.folder),
+            name=source.name,
+            family=family.name,
+            dtype=resolve_dtype(dtype, device),
+            device=device,
+            fingerprint=source.fingerprint(),
+        )
+
+    @property
+    def source(self) -> ModelSource:
+        return ModelSource.open(self.folder, self.name)
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return family_by_name(self.family)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class LoadedModel:
+    spec: LoadSpec
+    pipeline: Any
+    load_seconds: float
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.spec.model_family
+
+
+class ModelStore:
+    def __init__(self) -> None:
+        self._models: OrderedDict[LoadSpec, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+        # Called with (bytes needed, device) before a load, so a host (ComfyUI) can make room.
+        self.before_load: Callable[[int, str], None] | None = None
+
+    def get(self, spec: LoadSpec) -> tuple[LoadedModel, bool]:
+        """Returns the loaded model and whether this call had to load it."""
+        with self._lock:
+            loaded = self._models.get(spec)
+            if loaded is not None:
+                self._models.move_to_end(spec)
+                return loaded, False
+            # A stale entry for the same folder (weights re-exported since) is dropped first.
+            for other in [s for s in self._models if (s.folder, s.dtype, s.device) == (spec.folder, spec.dtype, spec.device)]:
+                del self._models[other]
+            loaded = self._load(spec)
+            self._models[spec] = loaded
+            return loaded, True
+
+    def _load(self, spec: LoadSpec) -> LoadedModel:
+        source = spec.source
+        source.check_weight_files()
+        if self.before_load is not None:
+            self.before_load(source.weights_bytes(), spec.device)
+        start = time.perf_counter()
+        try:
+            pipeline = spec.model_family.load(source, spec.torch_dtype, spec.device)
+        except OmniError:
+            raise
+        except Exception as exc:
+            gc.collect()
+            raise ModelLoadError(f"model: loading '{spec.name}' failed: {exc.__class__.__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        log.info("Omni Accel: loaded %s (%s, %s) in %.1f s", spec.name, spec.dtype, spec.device, seconds)
+        return LoadedModel(spec=spec, pipeline=pipeline, load_seconds=seconds)
+
+    def loaded_specs(self) -> list[LoadSpec]:
+        with self._lock:
+            return list(self._models)
+
+    def release(self, device: str | None = None) -> list[LoadSpec]:
+        """Drops every loaded model (on `device`, if given) and returns what was dropped."""
+        with self._lock:
+            dropped = [s for s in self._models if device is None or s.device == device]
+            for spec in dropped:
+                del self._models[spec]
+        if dropped:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.info("Omni Accel: released %s", ", ".join(s.name for s in dropped))
+        return dropped

@@ -1,0 +1,47 @@
+"""Small random-weight models of the supported families, written as real diffusers folders, offline.
+
+Each entry is built deterministically from a seed; a stamp file records the builder version so an
+existing folder is reused only when it would come out identical.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from . import qwen_image
+
+BUILDER_VERSION = 1
+
+# folder name under models/diffusers -> builder
+MODELS: dict[str, Callable[[], object]] = {
+    "tiny-qwen-image": lambda: qwen_image.build("tiny"),
+    "mid-qwen-image": lambda: qwen_image.build("mid"),
+}
+TEST_MODELS = ("tiny-qwen-image",)
+_STAMP = ".omni_tiny_model.json"
+
+
+def build_model(name: str, diffusers_dir: str | Path, force: bool = False) -> Path:
+    folder = Path(diffusers_dir) / name
+    stamp = {"name": name, "builder_version": BUILDER_VERSION}
+    stamp_path = folder / _STAMP
+    if not force and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    MODELS[name]().save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / _STAMP).write_text(json.dumps(stamp))
+    tmp.rename(folder)
+    return folder
+
+
+def build_models(diffusers_dir: str | Path, names=TEST_MODELS, force: bool = False) -> list[Path]:
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    return [build_model(name, diffusers_dir, force) for name in names]

@@ -1,0 +1,216 @@
+"""Start a real ComfyUI with this pack and drive it over HTTP, the way users' scripts do.
+
+Standard library only (plus websocket-client for progress events), so the demo, the tests and the
+benchmarks share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / ".build"
+PACK_NAME = "comfyui-omni-accel"
+
+
+class PromptRejected(RuntimeError):
+    """ComfyUI refused the prompt at validation (HTTP 400); `body` holds its node_errors."""
+
+    def __init__(self, body: dict):
+        self.body = body
+        super().__init__(json.dumps(body, indent=1)[:4000])
+
+
+class ExecutionFailed(RuntimeError):
+    def __init__(self, details: dict):
+        self.details = details
+        self.node_type = details.get("node_type")
+        self.exception_type = details.get("exception_type")
+        self.exception_message = details.get("exception_message", "")
+        super().__init__(f"{self.node_type}: {self.exception_type}: {self.exception_message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base_dir(base: Path) -> Path:
+    """A ComfyUI base directory with this pack installed (linked) and extra model folders registered."""
+    for sub in ("custom_nodes", "models/diffusers", "input", "output", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_NAME
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    return base
+
+
+def extra_model_paths_yaml(path: Path, models_dirs: list[Path]) -> Path:
+    """ComfyUI's extra_model_paths format: one section per external models folder."""
+    kinds = ("diffusers", "diffusion_models", "text_encoders", "vae", "checkpoints", "loras", "unet", "clip")
+    lines = []
+    for i, models in enumerate(models_dirs):
+        lines.append(f"omni_extra_{i}:")
+        lines.append(f"    base_path: {Path(models).resolve()}")
+        lines += [f"    {kind}: {kind}" for kind in kinds]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def comfyui_command(base: Path, port: int, extra_args: list[str] = ()) -> list[str]:
+    return [
+        str(BUILD / "venv" / "bin" / "python"),
+        str(BUILD / "comfyui" / "main.py"),
+        "--cpu",
+        "--listen", "127.0.0.1",
+        "--port", str(port),
+        "--disable-auto-launch",
+        "--base-directory", str(base),
+        "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
+        *extra_args,
+    ]
+
+
+class ComfyServer:
+    def __init__(self, base: Path, port: int | None = None, extra_args: list[str] = (), log_path: Path | None = None):
+        self.base = prepare_base_dir(Path(base))
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path or self.base / "comfyui.log")
+        self.process: subprocess.Popen | None = None
+        self.client_id = uuid.uuid4().hex
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            comfyui_command(self.base, self.port, self.extra_args),
+            cwd=str(BUILD / "comfyui"), stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                self.get_json("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, timeout: float = 30) -> bytes:
+        with urllib.request.urlopen(self.url(path), timeout=timeout) as response:
+            return response.read()
+
+    def get_json(self, path: str, timeout: float = 30):
+        return json.loads(self.get(path, timeout))
+
+    def post_json(self, path: str, body: dict, timeout: float = 30):
+        request = urllib.request.Request(
+            self.url(path), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def queue(self, prompt: dict) -> str:
+        try:
+            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as exc:
+            if exc.code == 400:
+                raise PromptRejected(json.loads(exc.read())) from None
+            raise
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if not self.alive():
+                raise RuntimeError(f"ComfyUI died:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue, wait, and raise ExecutionFailed if the run ended in an error."""
+        entry = self.wait(self.queue(prompt), timeout)
+        error = execution_error(entry)
+        if error is not None:
+            raise ExecutionFailed(error)
+        return entry
+
+    def interrupt(self) -> None:
+        self.post_json("/interrupt", {})
+
+    def free(self, unload_models: bool = True, free_memory: bool = False) -> None:
+        self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
+
+    def output_files(self, entry: dict, node_id: str, kind: str = "images") -> list[bytes]:
+        files = []
+        for item in entry["outputs"].get(node_id, {}).get(kind, []):
+            query = urllib.parse.urlencode(
+                {"filename": item["filename"], "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")}
+            )
+            files.append(self.get(f"/view?{query}"))
+        return files
+
+
+def execution_error(entry: dict) -> dict | None:
+    for kind, details in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return details
+    return None
+
+
+def node_text_output(entry: dict, node_id: str) -> list[str]:
+    return entry["outputs"].get(node_id, {}).get("text", [])
+
+
+if __name__ == "__main__":
+    sys.exit("import this module; see tools/demo.py")
