@@ -41,7 +41,7 @@ class OmniSampler:
                     "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                     "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same result on any device.",
                 }),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Number of denoising steps."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Number of denoising steps."}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": _CFG_TOOLTIP}),
                 "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,

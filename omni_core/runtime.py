@@ -76,7 +76,7 @@ def generate(
     )
     with report.stage("load"):
         loaded, loaded_now = store.get(spec)
-    report.counters["loaded_this_run"] = loaded_now
+    report.counters.update(loaded_this_run=loaded_now, model_load_id=loaded.load_id)
     memory = MemoryWatch(spec.device)
 
     with run_scope(pipe, loaded, request, report) as run:

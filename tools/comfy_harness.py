@@ -189,7 +189,13 @@ class ComfyServer:
         self.post_json("/interrupt", {})
 
     def free(self, unload_models: bool = True, free_memory: bool = False) -> None:
+        """POST /free, then wait until the worker has acted on it.
+
+        ComfyUI applies these flags between queue items, so after one more (trivial) prompt has finished,
+        anything queued next is guaranteed to see the freed state.
+        """
         self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
+        self.run({"sync": {"class_type": "PreviewAny", "inputs": {"source": uuid.uuid4().hex}}})
 
     def output_files(self, entry: dict, node_id: str, kind: str = "images") -> list[bytes]:
         files = []

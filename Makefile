@@ -1,0 +1,25 @@
+# Entry points. Each target sets up what it needs (tools/bootstrap.sh is cached and fast after the first run).
+PY := .build/venv/bin/python
+PORT ?= 8188
+MODELS_DIR ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test serve bench clean
+
+setup:
+	@bash tools/bootstrap.sh
+
+demo: setup
+	@$(PY) tools/demo.py
+
+test: setup
+	@$(PY) -m pytest tests $(PYTEST_ARGS)
+
+serve: setup
+	@$(PY) tools/serve.py --port $(PORT) $(if $(MODELS_DIR),--models-dir "$(MODELS_DIR)")
+
+bench: setup
+	@$(PY) bench/overhead.py
+
+clean:
+	rm -rf .build out

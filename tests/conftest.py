@@ -1,0 +1,40 @@
+"""Shared fixtures: small models built once, one real ComfyUI server for all end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", module="diffusers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from omni_core.tiny_models import TEST_MODELS, build_models  # noqa: E402
+
+MODELS_CACHE = ROOT / ".build" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def model_dirs() -> dict[str, Path]:
+    """name -> diffusers folder of every small test model (built once, reused while identical)."""
+    paths = build_models(MODELS_CACHE / "diffusers", TEST_MODELS)
+    return {path.name: path for path in paths}
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, model_dirs):
+    from tools.comfy_harness import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    diffusers_dir = base / "models" / "diffusers"
+    diffusers_dir.mkdir(parents=True)
+    for name, path in model_dirs.items():
+        (diffusers_dir / name).symlink_to(path, target_is_directory=True)
+    server = ComfyServer(base).start()
+    yield server
+    server.stop()

@@ -1,0 +1,78 @@
+"""ComfyUI starts with the pack and lists exactly its nodes, with inputs, types, defaults and tooltips."""
+
+from __future__ import annotations
+
+import re
+
+EXPECTED_INPUTS = {
+    "OmniLoader": {"model": "COMBO", "dtype": "COMBO", "device": "COMBO"},
+    "OmniSampler": {
+        "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
+        "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT",
+    },
+    "OmniVAETiledDecode": {
+        "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
+        "slicing": "BOOLEAN",
+    },
+}
+EXPECTED_OUTPUTS = {
+    "OmniLoader": ["OMNI_PIPE"],
+    "OmniSampler": ["LATENT", "STRING"],
+    "OmniVAETiledDecode": ["IMAGE"],
+}
+DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode"}
+
+
+def _inputs(info: dict) -> dict:
+    return {**info["input"]["required"], **info["input"].get("optional", {})}
+
+
+def test_pack_nodes_and_only_those(comfy):
+    object_info = comfy.get_json("/object_info")
+    ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
+    assert ours == set(EXPECTED_INPUTS)
+    for name in ("OmniTeaCache", "OmniCacheDiT", "OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
+        assert name not in object_info
+
+
+def test_inputs_types_defaults_and_tooltips(comfy):
+    for name, expected in EXPECTED_INPUTS.items():
+        info = comfy.get_json(f"/object_info/{name}")[name]
+        assert info["display_name"] == DISPLAY_NAMES[name]
+        assert info["output"] == EXPECTED_OUTPUTS[name]
+        inputs = _inputs(info)
+        assert list(inputs) == list(expected), "input order is API: saved workflows depend on it"
+        for input_name, kind in expected.items():
+            spec = inputs[input_name]
+            if kind == "COMBO":
+                assert isinstance(spec[0], list) and spec[0], input_name
+            else:
+                assert spec[0] == kind, input_name
+            assert len(spec[1]["tooltip"]) > 15, f"{name}.{input_name} needs a tooltip"
+        assert len(info["description"]) > 30
+
+
+def test_defaults(comfy):
+    loader = _inputs(comfy.get_json("/object_info/OmniLoader")["OmniLoader"])
+    assert "tiny-qwen-image" in loader["model"][0]
+    assert loader["dtype"][0] == ["auto", "bf16", "fp16", "fp32"] and loader["dtype"][1]["default"] == "auto"
+    assert loader["device"][0][:2] == ["auto", "cpu"] and loader["device"][1]["default"] == "auto"
+    sampler = _inputs(comfy.get_json("/object_info/OmniSampler")["OmniSampler"])
+    assert sampler["steps"][1]["default"] == 20 and sampler["steps"][1]["min"] == 1
+    assert sampler["cfg"][1]["default"] == 4.0
+    assert "true_cfg_scale" in sampler["cfg"][1]["tooltip"], "cfg tooltip must say what it maps to"
+    assert sampler["width"][1]["default"] == sampler["height"][1]["default"] == 1024
+    decode = _inputs(comfy.get_json("/object_info/OmniVAETiledDecode")["OmniVAETiledDecode"])
+    assert decode["tiling"][1]["default"] is True and decode["slicing"][1]["default"] is False
+    assert (decode["tile_size"][1]["default"], decode["tile_overlap"][1]["default"]) == (256, 64)
+
+
+def test_pack_imported_without_errors(comfy):
+    log = comfy.log_tail(200_000)
+    assert re.search(r"\d+\.\d+ seconds: .*comfyui-omni-accel", log), "the pack was not imported"
+    assert "(IMPORT FAILED)" not in "\n".join(l for l in log.splitlines() if "omni-accel" in l)
+    startup = log.split("Starting server")[0]
+    # ComfyUI's own audio nodes fail without torchaudio (left out on purpose); none may involve the pack.
+    for block in startup.split("Traceback (most recent call last):")[1:]:
+        block = block.split("\n\n")[0]
+        assert "comfyui-omni-accel" not in block and "omni_core" not in block, block

@@ -1,0 +1,72 @@
+"""Helpers for tests: prompts built from the shipped workflows, image conversions, references."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+
+def workflow_prompt(name: str = "qwen_image_api.json", **node_inputs: dict) -> dict:
+    """The shipped API workflow with some node inputs replaced: workflow_prompt(**{"2": {"seed": 3}})."""
+    prompt = json.loads((WORKFLOWS / name).read_text())
+    for node_id, inputs in node_inputs.items():
+        prompt[node_id]["inputs"].update(inputs)
+    return prompt
+
+
+def sampler_prompt(model: str = "tiny-qwen-image", decode: dict | None = None, **sampler_inputs) -> dict:
+    """Loader -> Sampler -> VAE Tiled Decode -> SaveImage, from the shipped Qwen-Image workflow."""
+    prompt = workflow_prompt(**{"1": {"model": model}, "2": sampler_inputs, "3": decode or {}})
+    return prompt
+
+
+def png_to_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def comfy_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Float images in [0, 1] -> uint8 exactly as ComfyUI's SaveImage does (scale by 255, clip, truncate)."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    return np.clip(255.0 * images, 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=4)
+def reference_pipeline(folder: str):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_reference(folder: Path, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
+                   width: int, height: int, batch_size: int = 1) -> np.ndarray:
+    """Plain diffusers QwenImagePipeline, fp32, CPU generator: float images (B, H, W, C) in [0, 1]."""
+    pipe = reference_pipeline(str(folder))
+    return pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt if cfg > 1 else None,
+        true_cfg_scale=cfg,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        num_images_per_prompt=batch_size,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    ).images
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)

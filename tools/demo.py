@@ -1,0 +1,54 @@
+"""make demo: start a real ComfyUI with the pack, run the shipped Qwen-Image workflow, keep the outputs.
+
+Leaves the image(s) and the run report under out/demo/ and prints where they are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omni_core.tiny_models import build_models  # noqa: E402
+from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
+
+WORKFLOW = ROOT / "workflows" / "qwen_image_api.json"
+OUT = ROOT / "out" / "demo"
+
+
+def main() -> int:
+    base = BUILD / "base"
+    prompt = json.loads(WORKFLOW.read_text())
+    model = prompt["1"]["inputs"]["model"]
+    print(f"[demo] building the {model} model into {base / 'models' / 'diffusers'} ...", flush=True)
+    build_models(base / "models" / "diffusers", [model])
+    OUT.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(base, log_path=OUT / "comfyui.log") as server:
+        print(f"[demo] ComfyUI 0.3.75 with Omni Accel on http://127.0.0.1:{server.port}; queueing {WORKFLOW.name}", flush=True)
+        start = time.perf_counter()
+        entry = server.run(prompt)
+        seconds = time.perf_counter() - start
+        images = server.output_files(entry, "4")
+        report = node_text_output(entry, "5")
+    written = []
+    for i, data in enumerate(images):
+        path = OUT / f"qwen_image_{i:02d}.png"
+        path.write_bytes(data)
+        written.append(path)
+    report_path = OUT / "report.json"
+    report_path.write_text(report[0] if report else "{}")
+    shutil.copy(WORKFLOW, OUT / WORKFLOW.name)
+    print(f"[demo] done in {seconds:.1f} s")
+    for path in written:
+        print(f"[demo] image:  {path}")
+    print(f"[demo] report: {report_path}")
+    print(f"[demo] server log: {OUT / 'comfyui.log'}")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
