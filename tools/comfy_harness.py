@@ -1,7 +1,8 @@
-"""Start a real ComfyUI with this pack and drive it over HTTP, the way users' scripts do.
+"""Start a real ComfyUI with this pack and drive it over HTTP and its websocket, as users' scripts do.
 
-Standard library only (plus websocket-client for progress events), so the demo, the tests and the
-benchmarks share it.
+Completion and progress come from ComfyUI's websocket events (a reader thread), not from polling, so a
+waiting client costs the server no CPU. Standard library plus websocket-client; shared by the demo, the
+tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+
+import websocket
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / ".build"
@@ -90,6 +94,10 @@ class ComfyServer:
         self.log_path = Path(log_path or self.base / "comfyui.log")
         self.process: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
+        self._ws: websocket.WebSocket | None = None
+        self._events = threading.Condition()
+        self._finished: set[str] = set()
+        self._progress: dict[str, list[int]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> "ComfyServer":
@@ -105,13 +113,49 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 self.get_json("/system_stats", timeout=2)
-                return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
+                continue
+            self._ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}")
+            threading.Thread(target=self._read_events, name="comfy-events", daemon=True).start()
+            return self
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log_tail()}")
 
+    def _read_events(self) -> None:
+        ws = self._ws
+        while True:
+            try:
+                message = ws.recv()
+            except Exception:
+                break
+            if not message:
+                break  # closed
+            if not isinstance(message, str):
+                continue  # binary frames are latent previews
+            event = json.loads(message)
+            data = event.get("data") or {}
+            prompt_id = data.get("prompt_id")
+            with self._events:
+                if event["type"] == "progress" and prompt_id:
+                    self._progress.setdefault(prompt_id, []).append(data["value"])
+                elif event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
+                    event["type"] == "executing" and data.get("node") is None and prompt_id
+                ):
+                    self._finished.add(prompt_id)
+                self._events.notify_all()
+        with self._events:
+            self._events.notify_all()
+
+    def progress(self, prompt_id: str) -> list[int]:
+        """Progress values reported so far for a prompt (one per step of the running node)."""
+        with self._events:
+            return list(self._progress.get(prompt_id, []))
+
     def stop(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -164,17 +208,24 @@ class ComfyServer:
             raise
         return answer["prompt_id"]
 
+    def _history_entry(self, prompt_id: str) -> dict | None:
+        entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            return entry
+        return None
+
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Blocks on websocket events until the prompt ends, then returns its /history entry."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
+            with self._events:
+                self._events.wait_for(lambda: prompt_id in self._finished, timeout=5)
+            # Also after a timeout: the history is the record, the events only say when to look.
+            entry = self._history_entry(prompt_id)
+            if entry is not None:
+                return entry
             if not self.alive():
                 raise RuntimeError(f"ComfyUI died:\n{self.log_tail()}")
-            time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
     def run(self, prompt: dict, timeout: float = 600) -> dict:

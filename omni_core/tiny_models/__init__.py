@@ -1,11 +1,12 @@
 """Small random-weight models of the supported families, written as real diffusers folders, offline.
 
-Each entry is built deterministically from a seed; a stamp file records the builder version so an
-existing folder is reused only when it would come out identical.
+Each entry is built deterministically from a seed; a stamp file records a hash of this package's source,
+so an existing folder is reused only when the builder that made it is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -13,7 +14,13 @@ from pathlib import Path
 
 from . import qwen_image
 
-BUILDER_VERSION = 1
+
+def builder_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
 
 # folder name under models/diffusers -> builder
 MODELS: dict[str, Callable[[], object]] = {
@@ -26,7 +33,7 @@ _STAMP = ".omni_tiny_model.json"
 
 def build_model(name: str, diffusers_dir: str | Path, force: bool = False) -> Path:
     folder = Path(diffusers_dir) / name
-    stamp = {"name": name, "builder_version": BUILDER_VERSION}
+    stamp = {"name": name, "builder": builder_hash()}
     stamp_path = folder / _STAMP
     if not force and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return folder

@@ -42,6 +42,7 @@ def qwen_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def qwen_text_encoder(hidden: int, vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
+    rotary_half = hidden // 2 // 2  # 2 heads; M-RoPE splits half the head dim into (t, h, w) sections
     text = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -49,7 +50,11 @@ def qwen_text_encoder(hidden: int, vocab_size: int) -> Qwen2_5_VLForConditionalG
         num_attention_heads=2,
         num_key_value_heads=2,
         vocab_size=vocab_size,
-        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        rope_scaling={
+            "mrope_section": [rotary_half // 4, rotary_half // 4, rotary_half // 2],
+            "rope_type": "default",
+            "type": "default",
+        },
         rope_theta=1000000.0,
         bos_token_id=0,
         eos_token_id=0,

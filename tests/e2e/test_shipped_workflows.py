@@ -1,0 +1,33 @@
+"""Shipped workflows: each UI-format file is the twin of its API file, and each API file runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import WORKFLOWS
+from tools.workflow_format import ui_to_api
+
+API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
+
+
+def _strip_meta(prompt: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+@pytest.mark.parametrize("api_path", API_FILES, ids=lambda p: p.name)
+def test_ui_workflow_is_the_twin_of_the_api_one(comfy, api_path):
+    ui_path = api_path.with_name(api_path.name.replace("_api.json", ".json"))
+    ui = json.loads(ui_path.read_text())
+    assert ui["version"] == 0.4 and ui["links"] and ui["nodes"]
+    object_info = comfy.get_json("/object_info")
+    assert ui_to_api(ui, object_info) == _strip_meta(json.loads(api_path.read_text()))
+
+
+@pytest.mark.parametrize("api_path", API_FILES, ids=lambda p: p.name)
+def test_api_workflow_runs_as_shipped(comfy, api_path):
+    prompt = json.loads(api_path.read_text())
+    entry = comfy.run(prompt)
+    saved = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
+    assert saved and all(comfy.output_files(entry, node_id) for node_id in saved)

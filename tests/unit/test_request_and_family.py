@@ -1,0 +1,53 @@
+import pytest
+
+from omni_core import GenerationRequest, InvalidInput
+from omni_core.families import family_for_source, supported_pipeline_classes
+from omni_core.source import ModelSource
+
+
+def test_generic_checks_name_the_input():
+    cases = {
+        "steps": dict(steps=0),
+        "seed": dict(seed=-1),
+        "cfg": dict(cfg=-0.5),
+        "batch_size": dict(batch_size=0),
+        "width": dict(width=0),
+    }
+    for name, change in cases.items():
+        with pytest.raises(InvalidInput) as info:
+            GenerationRequest(prompt="x", **change).check()
+        assert info.value.input_name == name
+        assert str(info.value).startswith(f"{name}: ")
+
+
+def test_qwen_size_multiple_comes_from_the_vae(model_dirs):
+    source = ModelSource.open(model_dirs["tiny-qwen-image"])
+    family = family_for_source(source)
+    # The tiny VAE downsamples 4x (two temporal-downsample entries), times the 2x2 patch: 8.
+    assert family.size_multiple(source) == 8
+    family.check_request(source, GenerationRequest(prompt="x", width=64, height=72))
+    with pytest.raises(InvalidInput, match=r"^width: 68 is not a multiple of 8.*64 or 72"):
+        family.check_request(source, GenerationRequest(prompt="x", width=68, height=64))
+
+
+def test_cfg_mapping_for_qwen_image(model_dirs):
+    family = family_for_source(ModelSource.open(model_dirs["tiny-qwen-image"]))
+    on = family.pipeline_call(None, GenerationRequest(prompt="p", negative_prompt="n", cfg=4.0))
+    assert on.kwargs["true_cfg_scale"] == 4.0 and on.kwargs["negative_prompt"] == "n"
+    assert on.transformer_calls_per_step == 2 and on.notes == []
+    off = family.pipeline_call(None, GenerationRequest(prompt="p", negative_prompt="n", cfg=1.0))
+    assert off.kwargs["negative_prompt"] is None and off.transformer_calls_per_step == 1
+    assert off.notes == ["negative_prompt ignored: cfg <= 1 turns CFG off for Qwen-Image"]
+    # An empty negative prompt still turns true CFG on (diffusers needs a string, not None).
+    assert family.pipeline_call(None, GenerationRequest(prompt="p", cfg=2.0)).kwargs["negative_prompt"] == ""
+
+
+def test_unsupported_and_non_model_folders(tmp_path):
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(InvalidInput) as info:
+        family_for_source(ModelSource.open(tmp_path / "sd"))
+    assert "StableDiffusionPipeline" in str(info.value)
+    assert all(name in str(info.value) for name in supported_pipeline_classes())
+    with pytest.raises(InvalidInput, match="no model_index.json"):
+        ModelSource.open(tmp_path)
