@@ -87,6 +87,14 @@ def diffusers_folder_path(name: str) -> str | None:
     return None
 
 
+def transformer_files() -> list[str]:
+    return [name for name in folder_paths.get_filename_list("diffusion_models") if name.endswith(".safetensors")]
+
+
+def transformer_file_path(name: str) -> str | None:
+    return folder_paths.get_full_path("diffusion_models", name)
+
+
 # --- progress ---------------------------------------------------------------------------------------
 def step_listener(total_steps: int):
     """One progress update per step; ComfyUI's hook raises on Cancel, which ends the run cleanly."""

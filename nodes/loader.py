@@ -3,10 +3,21 @@ from __future__ import annotations
 from ..omni_core import InvalidInput, LoadSpec, OmniPipe
 from ..omni_core.devices import DTYPE_CHOICES, device_choices
 from ..omni_core.families import supported_pipeline_classes
-from ..omni_core.source import ModelSource
-from .host import STORE, diffusers_folder_path, diffusers_folders
+from .host import STORE, diffusers_folder_path, diffusers_folders, transformer_file_path, transformer_files
 
 CATEGORY = "Omni Accel"
+
+
+def _files(transformer_file: str, transformer_2_file: str) -> dict[str, str]:
+    chosen = {"transformer": transformer_file, "transformer_2": transformer_2_file}
+    files = {}
+    for attr, name in chosen.items():
+        if name and name != "none":
+            path = transformer_file_path(name)
+            if path is None:
+                raise InvalidInput(f"{attr}_file", f"'{name}' is not under models/diffusion_models.", transformer_files())
+            files[attr] = path
+    return files
 
 
 class OmniLoader:
@@ -38,22 +49,36 @@ class OmniLoader:
                     "default": "auto",
                     "tooltip": "Where the pipeline runs. auto = the first GPU if there is one, else the CPU.",
                 }),
-            }
+            },
+            "optional": {
+                "transformer_file": (["none", *transformer_files()], {
+                    "default": "none",
+                    "tooltip": "A single-file transformer from models/diffusion_models that replaces the folder's "
+                               "transformer (diffusers keys, or the ComfyUI/original layout of Flux, Wan, Z-Image). "
+                               "Text encoders, VAE, tokenizer and scheduler still come from the folder. "
+                               "Wan 2.2: the high-noise expert.",
+                }),
+                "transformer_2_file": (["none", *transformer_files()], {
+                    "default": "none",
+                    "tooltip": "Wan 2.2 only: a single-file low-noise expert (transformer_2) from models/diffusion_models.",
+                }),
+            },
         }
 
     @classmethod
-    def IS_CHANGED(cls, model, dtype, device):
-        # Re-run when the folder's weights change on disk, so a re-exported model is picked up.
+    def IS_CHANGED(cls, model, dtype, device, transformer_file="none", transformer_2_file="none"):
+        # Re-run when weights change on disk, so a re-exported model or file is picked up.
         path = diffusers_folder_path(model)
         try:
-            return repr(ModelSource.open(path, model).fingerprint()) if path else model
+            files = _files(transformer_file, transformer_2_file)
+            return repr(LoadSpec.create(path, model, dtype, device, files).fingerprint) if path else model
         except Exception:
             return model
 
-    def load(self, model: str, dtype: str, device: str):
+    def load(self, model: str, dtype: str, device: str, transformer_file="none", transformer_2_file="none"):
         path = diffusers_folder_path(model)
         if path is None:
             raise InvalidInput("model", f"'{model}' is not a model folder under models/diffusers.", diffusers_folders())
-        spec = LoadSpec.create(path, model, dtype, device)
+        spec = LoadSpec.create(path, model, dtype, device, _files(transformer_file, transformer_2_file))
         STORE.get(spec)  # load now, so a broken folder shows on this node; the Sampler reuses it
         return (OmniPipe(spec),)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
+from PIL import Image
 
 from .errors import InvalidInput
 
@@ -18,9 +19,22 @@ class GenerationRequest:
     seed: int = 0
     steps: int = 20
     cfg: float = 4.0
-    width: int = 1024
+    width: int = 1024  # 0 = automatic where the family can derive it (edit: from the input image)
     height: int = 1024
     batch_size: int = 1
+    # Inputs only some families use; the others ignore them with a note in the report.
+    images: tuple[Image.Image, ...] = field(default=(), compare=False, repr=False)
+    num_frames: int = 81
+    guidance: float = 3.5
+    cfg_2: float = -1.0  # Wan 2.2 low-noise expert; negative = same as cfg
+
+    def given_family_inputs(self) -> dict[str, object]:
+        """The family-specific inputs set away from their defaults (images: when any are given)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        given = {name: getattr(self, name) for name in ("num_frames", "guidance", "cfg_2") if getattr(self, name) != defaults[name]}
+        if self.images:
+            given["images"] = self.images
+        return given
 
     def check(self) -> None:
         """Checks that hold for every family; family-specific ones live in the family module."""
@@ -33,8 +47,10 @@ class GenerationRequest:
         if self.batch_size < 1:
             raise InvalidInput("batch_size", f"{self.batch_size} is not a batch size.", "1 or more")
         for name in ("width", "height"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(name, f"{getattr(self, name)} is not a size in pixels.", "1 or more")
+            if getattr(self, name) < 0:
+                raise InvalidInput(name, f"{getattr(self, name)} is not a size in pixels.", "1 or more (0 = automatic for edit models)")
+        if self.num_frames < 1:
+            raise InvalidInput("num_frames", f"{self.num_frames} is not a frame count.", "1 or more")
 
     def cpu_generator(self) -> torch.Generator:
         """Noise comes from a CPU generator, as in ComfyUI, so a seed gives the same picture on any device."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -60,6 +60,7 @@ def generate(
 ) -> GenerationResult:
     spec = pipe.spec
     family = spec.model_family
+    request = family.prepare(spec.source, request)
     family.check_request(spec.source, request)
     for accelerator in pipe.recipe:
         accelerator.check_request(spec, request)
@@ -70,7 +71,10 @@ def generate(
         pipeline=spec.source.pipeline_class_name,
         dtype=spec.dtype,
         device=spec.device,
-        request={k: v for k, v in asdict(request).items() if k not in ("prompt", "negative_prompt")},
+        request={
+            **{f.name: getattr(request, f.name) for f in fields(request) if f.name not in ("prompt", "negative_prompt", "images")},
+            "input_images": len(request.images),
+        },
         cfg_meaning=family.cfg_meaning,
         recipe=pipe.describe(),
     )
@@ -81,7 +85,7 @@ def generate(
 
     with run_scope(pipe, loaded, request, report) as run:
         call = family.pipeline_call(run.pipeline, request)
-        for message in call.notes:
+        for message in family.ignored_input_notes(request) + call.notes:
             report.note(message)
 
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
@@ -108,6 +112,8 @@ def generate(
             latent = family.output_to_latent(run.pipeline, output, request)
 
     calls = sum(c.calls for c in denoiser_calls.values())
+    if len(denoiser_calls) > 1:
+        report.counters["transformer_calls_by_denoiser"] = {n: c.calls for n, c in denoiser_calls.items()}
     blocks_per_call = len(block_counters) // max(len(denoiser_calls), 1)
     computed = sum(c.calls for c in block_counters)
     report.counters.update(

@@ -46,20 +46,21 @@ class ModelSource:
             raise ModelLoadError(f"model: '{self.name}' has no {component}/config.json.")
         return json.loads(path.read_text())
 
-    def weight_files(self) -> list[Path]:
-        return sorted(self.folder.glob("*/*.safetensors"))
+    def weight_files(self, skip: list[str] = ()) -> list[Path]:
+        """Safetensors files of every component, except those in `skip` (replaced from elsewhere)."""
+        return sorted(p for p in self.folder.glob("*/*.safetensors") if p.parent.name not in skip)
 
-    def weights_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.weight_files())
+    def weights_bytes(self, skip: list[str] = ()) -> int:
+        return sum(p.stat().st_size for p in self.weight_files(skip))
 
-    def fingerprint(self) -> tuple:
+    def fingerprint(self, skip: list[str] = ()) -> tuple:
         """Changes when any weights file is replaced, so a re-exported folder is loaded afresh."""
         return tuple(
-            (str(p.relative_to(self.folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in self.weight_files()
+            (str(p.relative_to(self.folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in self.weight_files(skip)
         )
 
-    def check_weight_files(self) -> None:
-        for path in self.weight_files():
+    def check_weight_files(self, skip: list[str] = ()) -> None:
+        for path in self.weight_files(skip):
             problem = safetensors_problem(path)
             if problem:
                 raise ModelLoadError(

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from .devices import DTYPES, resolve_device, resolve_dtype
-from .errors import ModelLoadError, OmniError
+from .errors import InvalidInput, ModelLoadError, OmniError
 from .families import ModelFamily, family_by_name, family_for_source
+from .single_file import load_transformer_file
 from .source import ModelSource
 
 log = logging.getLogger("omni_accel")
@@ -34,21 +36,32 @@ class LoadSpec:
     family: str
     dtype: str
     device: str
+    # (pipeline component, single-file path) pairs replacing the folder's transformer(s)
+    transformer_files: tuple[tuple[str, str], ...] = ()
     fingerprint: tuple = field(default=(), compare=True, repr=False)
 
     @classmethod
-    def create(cls, folder: str, name: str, dtype: str = "auto", device: str = "auto") -> "LoadSpec":
-        """Resolves choices and checks the folder (family supported, weights sound) without loading it."""
+    def create(
+        cls, folder: str, name: str, dtype: str = "auto", device: str = "auto",
+        transformer_files: dict[str, str] | None = None,
+    ) -> "LoadSpec":
+        """Resolves choices and checks the folder (family supported) without loading weights."""
         source = ModelSource.open(folder, name)
         family = family_for_source(source)
         device = resolve_device(device)
+        files = tuple(sorted((attr, str(Path(path).resolve())) for attr, path in (transformer_files or {}).items()))
+        for attr, path in files:
+            if attr not in source.model_index:
+                raise InvalidInput(f"{attr}_file", f"'{name}' has no {attr} for {Path(path).name} to replace.", "none")
+        file_stats = tuple((path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns) for _, path in files)
         return cls(
             folder=str(source.folder),
             name=source.name,
             family=family.name,
             dtype=resolve_dtype(dtype, device),
             device=device,
-            fingerprint=source.fingerprint(),
+            transformer_files=files,
+            fingerprint=source.fingerprint(skip=[attr for attr, _ in files]) + file_stats,
         )
 
     @property
@@ -91,8 +104,9 @@ class ModelStore:
             if loaded is not None:
                 self._models.move_to_end(spec)
                 return loaded, False
-            # A stale entry for the same folder (weights re-exported since) is dropped first.
-            for other in [s for s in self._models if (s.folder, s.dtype, s.device) == (spec.folder, spec.dtype, spec.device)]:
+            # A stale entry for the same model (weights re-exported since) is dropped first.
+            same = (spec.folder, spec.dtype, spec.device, spec.transformer_files)
+            for other in [s for s in self._models if (s.folder, s.dtype, s.device, s.transformer_files) == same]:
                 del self._models[other]
             loaded = self._load(spec)
             self._models[spec] = loaded
@@ -100,12 +114,18 @@ class ModelStore:
 
     def _load(self, spec: LoadSpec) -> LoadedModel:
         source = spec.source
-        source.check_weight_files()
+        replaced = [attr for attr, _ in spec.transformer_files]
+        source.check_weight_files(skip=replaced)
         if self.before_load is not None:
-            self.before_load(source.weights_bytes(), spec.device)
+            files = sum(Path(path).stat().st_size for _, path in spec.transformer_files)
+            self.before_load(source.weights_bytes(skip=replaced) + files, spec.device)
         start = time.perf_counter()
         try:
-            pipeline = spec.model_family.load(source, spec.torch_dtype, spec.device)
+            components = {
+                attr: load_transformer_file(spec.model_family, source, attr, path, spec.torch_dtype)
+                for attr, path in spec.transformer_files
+            }
+            pipeline = spec.model_family.load(source, spec.torch_dtype, spec.device, **components)
         except OmniError:
             raise
         except Exception as exc:

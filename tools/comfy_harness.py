@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def prepare_base_dir(base: Path) -> Path:
     link = base / "custom_nodes" / PACK_NAME
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
+    for image in (ROOT / "workflows" / "inputs").glob("*.png"):  # what the shipped workflows' LoadImage nodes read
+        shutil.copy(image, base / "input" / image.name)
     return base
 
 

@@ -48,15 +48,21 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
                 outgoing.setdefault((source_id, source_slot), []).append(link_id)
 
     column_x: dict[str, int] = {}
-    for node_id, node in prompt.items():  # place each node one column right of its rightmost source
-        sources = [v[0] for v in node["inputs"].values() if isinstance(v, list)]
-        column_x[node_id] = max((column_x[s] + 1 for s in sources), default=0)
+
+    def column(node_id: str) -> int:  # one column right of its rightmost source
+        if node_id not in column_x:
+            sources = [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+            column_x[node_id] = max((column(s) + 1 for s in sources), default=0)
+        return column_x[node_id]
+
+    for node_id in prompt:
+        column(node_id)
     rows: dict[int, int] = {}
     for node_id, node in prompt.items():
         info = object_info[node["class_type"]]
-        column = column_x[node_id]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+        col = column_x[node_id]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
         inputs, widgets = [], []
         for name, spec in _ordered_inputs(info):
             value = node["inputs"].get(name)
@@ -74,7 +80,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         nodes.append({
             "id": int(node_id),
             "type": node["class_type"],
-            "pos": [40 + 380 * column, 60 + 330 * row],
+            "pos": [40 + 380 * col, 60 + 330 * row],
             "size": [340, 280],
             "flags": {},
             "order": order[node_id],

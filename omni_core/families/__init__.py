@@ -5,9 +5,12 @@ from __future__ import annotations
 from ..errors import InvalidInput
 from ..source import ModelSource
 from .base import ModelFamily, PipelineCall
-from .qwen_image import QwenImageFamily
+from .flux import FluxFamily
+from .qwen_image import QwenImageEditFamily, QwenImageFamily
+from .wan import WanFamily
+from .z_image import ZImageFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (QwenImageFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (QwenImageFamily(), QwenImageEditFamily(), ZImageFamily(), FluxFamily(), WanFamily())
 
 _BY_PIPELINE_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
 _BY_NAME = {family.name: family for family in FAMILIES}

@@ -12,6 +12,13 @@ from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 
+_INPUT_PURPOSE = {
+    "images": "an input image (edit models)",
+    "num_frames": "a frame count (video models)",
+    "guidance": "distilled guidance (Flux dev layout)",
+    "cfg_2": "the second expert's guidance (Wan 2.2)",
+}
+
 
 @dataclass
 class PipelineCall:
@@ -27,15 +34,20 @@ class ModelFamily:
     pipeline_classes: ClassVar[tuple[str, ...]]
     # What the Sampler's `cfg` input becomes for this family (shown in the report and the tooltip).
     cfg_meaning: ClassVar[str]
+    # Sampler inputs beyond the common ones that this family uses (see GenerationRequest).
+    uses: ClassVar[frozenset[str]] = frozenset()
     # Pipeline attributes holding denoisers (Wan 2.2 has two).
     denoiser_attrs: ClassVar[tuple[str, ...]] = ("transformer",)
+    # Single-file layouts besides diffusers' own keys (see layouts.py).
+    single_file_layouts: ClassVar[tuple] = ()
 
     def pipeline_class(self, source: ModelSource) -> type:
         return getattr(diffusers, source.pipeline_class_name)
 
-    def load(self, source: ModelSource, dtype: torch.dtype, device: str):
+    def load(self, source: ModelSource, dtype: torch.dtype, device: str, **components):
+        """`components` replace folder components (e.g. a transformer loaded from a single file)."""
         pipeline = self.pipeline_class(source).from_pretrained(
-            str(source.folder), torch_dtype=dtype, local_files_only=True
+            str(source.folder), torch_dtype=dtype, local_files_only=True, **components
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
@@ -44,11 +56,20 @@ class ModelFamily:
     def size_multiple(self, source: ModelSource) -> int:
         raise NotImplementedError
 
+    def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
+        """Fill in what the family derives itself (e.g. an edit model's size from its input image)."""
+        return request
+
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         request.check()
         multiple = self.size_multiple(source)
         for name in ("width", "height"):
             value = getattr(request, name)
+            if value == 0:
+                raise InvalidInput(
+                    name, f"0 (automatic) needs an edit model and an input image; this is a {self.name} model.",
+                    f"multiples of {multiple}",
+                )
             if value % multiple:
                 lower = max(multiple, value - value % multiple)
                 raise InvalidInput(
@@ -57,6 +78,13 @@ class ModelFamily:
                     f"(VAE downscale x patch size).",
                     f"multiples of {multiple}, e.g. {lower} or {lower + multiple}",
                 )
+
+    def ignored_input_notes(self, request: GenerationRequest) -> list[str]:
+        return [
+            f"{name} ignored: {self.name} models take no {_INPUT_PURPOSE[name]}"
+            for name in request.given_family_inputs()
+            if name not in self.uses
+        ]
 
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         raise NotImplementedError
@@ -74,7 +102,7 @@ class ModelFamily:
         return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
 
     def latent_channels(self, pipeline) -> int:
-        raise NotImplementedError
+        return pipeline.vae.config.latent_channels
 
     # --- structure, for probes and accelerators ---------------------------------------------------
     def denoisers(self, pipeline) -> dict[str, torch.nn.Module]:
@@ -82,3 +110,13 @@ class ModelFamily:
 
     def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         raise NotImplementedError
+
+
+def scaled_shifted_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKL families (Flux, Z-Image): model latents -> VAE latents, as their pipelines decode."""
+    return latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
+
+
+def kl_size_multiple(source: ModelSource) -> int:
+    """AutoencoderKL downscale (2 per down block after the first) x the 2x2 patch."""
+    return 2 ** (len(source.component_config("vae")["block_out_channels"]) - 1) * 2

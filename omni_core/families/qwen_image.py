@@ -1,36 +1,39 @@
-"""Qwen-Image (text to image): QwenImagePipeline, QwenImageTransformer2DModel, AutoencoderKLQwenImage."""
+"""Qwen-Image (text to image) and Qwen-Image-Edit / Edit-Plus: one transformer, AutoencoderKLQwenImage."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
 
+import diffusers
+import torch
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import ModelFamily, PipelineCall
+
+_TRUE_CFG = (
+    "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
+    "1 or less turns CFG off"
+)
 
 
 class QwenImageFamily(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
-    cfg_meaning = (
-        "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
-        "1 or less turns CFG off"
-    )
+    cfg_meaning = _TRUE_CFG
 
     def size_multiple(self, source: ModelSource) -> int:
         # Latents are 2x2-patched, so sizes must divide VAE downscale x 2.
         vae_scale = 2 ** len(source.component_config("vae")["temperal_downsample"])
         return vae_scale * 2
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
-        cfg_on = request.cfg > 1
-        notes = []
-        if not cfg_on and request.negative_prompt:
-            notes.append("negative_prompt ignored: cfg <= 1 turns CFG off for Qwen-Image")
-        kwargs = dict(
+    def call_kwargs(self, request: GenerationRequest) -> dict:
+        return dict(
             prompt=request.prompt,
             # diffusers runs true CFG only when a negative prompt is given; an empty one is valid.
-            negative_prompt=request.negative_prompt if cfg_on else None,
+            negative_prompt=request.negative_prompt if request.cfg > 1 else None,
             true_cfg_scale=request.cfg,
             num_inference_steps=request.steps,
             height=request.height,
@@ -38,7 +41,13 @@ class QwenImageFamily(ModelFamily):
             num_images_per_prompt=request.batch_size,
             output_type="latent",
         )
-        return PipelineCall(kwargs=kwargs, notes=notes, transformer_calls_per_step=2 if cfg_on else 1)
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        cfg_on = request.cfg > 1
+        notes = []
+        if not cfg_on and request.negative_prompt:
+            notes.append(f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}")
+        return PipelineCall(self.call_kwargs(request), notes, transformer_calls_per_step=2 if cfg_on else 1)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
@@ -63,3 +72,44 @@ class QwenImageFamily(ModelFamily):
 
     def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         return list(transformer.transformer_blocks)
+
+
+class QwenImageEditFamily(QwenImageFamily):
+    """Edit takes one input image; Edit-Plus takes several (the `image` batch, then image_2, image_3)."""
+
+    name = "qwen-image-edit"
+    pipeline_classes = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    cfg_meaning = _TRUE_CFG
+    uses = frozenset({"images"})
+
+    @staticmethod
+    def _is_plus(source: ModelSource) -> bool:
+        return source.pipeline_class_name == "QwenImageEditPlusPipeline"
+
+    def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
+        if not request.images:
+            raise InvalidInput("image", f"{source.pipeline_class_name} edits an input image; connect one (e.g. from Load Image).")
+        if request.width and request.height:
+            return request
+        # Automatic size: what the pipeline itself picks, ~1 MP at the (last) input image's aspect ratio.
+        module = pipeline_qwenimage_edit_plus if self._is_plus(source) else pipeline_qwenimage_edit
+        reference = request.images[-1] if self._is_plus(source) else request.images[0]
+        width, height = module.calculate_dimensions(1024 * 1024, reference.width / reference.height)[:2]
+        multiple = self.size_multiple(source)
+        return replace(
+            request,
+            width=request.width or width // multiple * multiple,
+            height=request.height or height // multiple * multiple,
+        )
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        call = super().pipeline_call(pipeline, request)
+        if isinstance(pipeline, diffusers.QwenImageEditPlusPipeline):
+            call.kwargs["image"] = list(request.images)
+        else:
+            call.kwargs["image"] = request.images[0]
+            if len(request.images) > 1:
+                call.notes.append(
+                    f"{len(request.images) - 1} extra input image(s) ignored: Qwen-Image-Edit takes one (Edit-Plus takes several)"
+                )
+        return call

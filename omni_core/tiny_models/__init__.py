@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import qwen_image
+from . import flux, qwen_image, wan, z_image
 
 
 def builder_hash() -> str:
@@ -25,9 +25,16 @@ def builder_hash() -> str:
 # folder name under models/diffusers -> builder
 MODELS: dict[str, Callable[[], object]] = {
     "tiny-qwen-image": lambda: qwen_image.build("tiny"),
+    "tiny-qwen-image-edit": lambda: qwen_image.build("tiny", variant="edit"),
+    "tiny-qwen-image-edit-plus": lambda: qwen_image.build("tiny", variant="edit_plus"),
+    "tiny-z-image": lambda: z_image.build(),
+    "tiny-flux": lambda: flux.build(guidance_embeds=True),
+    "tiny-flux-schnell": lambda: flux.build(guidance_embeds=False),
+    "tiny-wan21": lambda: wan.build(experts=1),
+    "tiny-wan22": lambda: wan.build(experts=2),
     "mid-qwen-image": lambda: qwen_image.build("mid"),
 }
-TEST_MODELS = ("tiny-qwen-image",)
+TEST_MODELS = tuple(name for name in MODELS if name.startswith("tiny-"))
 _STAMP = ".omni_tiny_model.json"
 
 

@@ -6,12 +6,20 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
 
-from .tokenizer import build_qwen_tokenizer
+from .tokenizer import VISION_TOKENS, build_qwen_tokenizer
 
 SIZES = {
     # diffusers' own pipeline-test configuration
@@ -41,7 +49,7 @@ def qwen_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def qwen_text_encoder(hidden: int, vocab_size: int) -> Qwen2_5_VLForConditionalGeneration:
+def qwen_text_encoder(hidden: int, vocab_size: int, vision_ids: list[int] | None = None) -> Qwen2_5_VLForConditionalGeneration:
     rotary_half = hidden // 2 // 2  # 2 heads; M-RoPE splits half the head dim into (t, h, w) sections
     text = dict(
         hidden_size=hidden,
@@ -64,21 +72,26 @@ def qwen_text_encoder(hidden: int, vocab_size: int) -> Qwen2_5_VLForConditionalG
         depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
         fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
     )
+    start, end, image, video = vision_ids or range(vocab_size - 4, vocab_size)
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, vocab_size=vocab_size,
-        image_token_id=vocab_size - 4, video_token_id=vocab_size - 3,
-        vision_start_token_id=vocab_size - 2, vision_end_token_id=vocab_size - 1,
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def build(size: str = "tiny", seed: int = 0) -> QwenImagePipeline:
+VOCAB_SIZE = 640
+
+
+def build(size: str = "tiny", seed: int = 0, variant: str = "t2i"):
+    """variant: "t2i" (QwenImagePipeline), "edit" (QwenImageEditPipeline), "edit_plus" (QwenImageEditPlusPipeline)."""
     dims = SIZES[size]
-    tokenizer = build_qwen_tokenizer()
-    vocab_size = 640
-    assert len(tokenizer) <= vocab_size - 4
+    edit = variant != "t2i"
+    tokenizer = build_qwen_tokenizer(vision=edit)
+    assert len(tokenizer) <= VOCAB_SIZE - 4
+    vision_ids = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)) if edit else None
     torch.manual_seed(seed)
-    text_encoder = qwen_text_encoder(dims["joint_attention_dim"], vocab_size)
+    text_encoder = qwen_text_encoder(dims["joint_attention_dim"], VOCAB_SIZE, vision_ids)
     torch.manual_seed(seed + 1)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, guidance_embeds=False, **dims
@@ -89,6 +102,13 @@ def build(size: str = "tiny", seed: int = 0) -> QwenImagePipeline:
         # Not 0/1, so that a missed de-normalisation shows up in tests.
         latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 0.9],
     )
-    return QwenImagePipeline(
+    components = dict(
         scheduler=qwen_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
+    if not edit:
+        return QwenImagePipeline(**components)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()
+    )
+    pipeline_class = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
+    return pipeline_class(processor=processor, **components)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Qwen2Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 QWEN_IMAGE_TEMPLATE = (
@@ -18,7 +18,20 @@ QWEN_IMAGE_TEMPLATE = (
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+QWEN_IMAGE_EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# A Qwen3-style chat template, enough for ZImagePipeline's apply_chat_template(..., enable_thinking=True).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+    "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 
 CAPTION_WORDS = (
     "a an the of on at in with and red green blue yellow orange purple white black gray pink brown cyan "
@@ -28,11 +41,15 @@ CAPTION_WORDS = (
 
 
 def _corpus() -> list[str]:
-    template_text = QWEN_IMAGE_TEMPLATE.format("").replace("<|im_start|>", "").replace("<|im_end|>", "")
-    return [template_text] * 64 + [CAPTION_WORDS] * 16
+    texts = []
+    for template in (QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_EDIT_TEMPLATE):
+        texts += [template.format("").replace("<|im_start|>", "").replace("<|im_end|>", "")] * 64
+    return texts + [CAPTION_WORDS] * 16
 
 
-def build_qwen_tokenizer(vocab_size: int = 600, model_max_length: int = 2048) -> Qwen2Tokenizer:
+def build_qwen_tokenizer(
+    vocab_size: int = 600, model_max_length: int = 2048, vision: bool = False, chat_template: str | None = None
+) -> Qwen2Tokenizer:
     bpe = Tokenizer(models.BPE())
     bpe.add_special_tokens(list(SPECIAL_TOKENS))
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -56,4 +73,31 @@ def build_qwen_tokenizer(vocab_size: int = 600, model_max_length: int = 2048) ->
         model_max_length=model_max_length,
     )
     tokenizer.add_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS[1:]])
+    if vision:  # the tokens Qwen2VLProcessor expands into image patches
+        tokenizer.add_tokens([AddedToken(t, special=True) for t in VISION_TOKENS])
+    if chat_template:
+        tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _caption_words() -> list[str]:
+    return sorted(set(CAPTION_WORDS.split()))
+
+
+def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """Byte-level CLIP BPE without merges: every character is a token (words end in '</w>')."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """A Unigram vocabulary of caption words plus single characters (so any text tokenizes)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -5.0) for word in _caption_words()]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'-()"))
+    pieces += [(c, -9.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=8, model_max_length=model_max_length)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 
 EXPECTED_INPUTS = {
-    "OmniLoader": {"model": "COMBO", "dtype": "COMBO", "device": "COMBO"},
+    "OmniLoader": {
+        "model": "COMBO", "dtype": "COMBO", "device": "COMBO", "transformer_file": "COMBO", "transformer_2_file": "COMBO",
+    },
     "OmniSampler": {
         "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
-        "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT",
+        "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT", "image": "IMAGE", "image_2": "IMAGE",
+        "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT",
     },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
@@ -60,7 +63,10 @@ def test_defaults(comfy):
     sampler = _inputs(comfy.get_json("/object_info/OmniSampler")["OmniSampler"])
     assert sampler["steps"][1]["default"] == 20 and sampler["steps"][1]["min"] == 1
     assert sampler["cfg"][1]["default"] == 4.0
-    assert "true_cfg_scale" in sampler["cfg"][1]["tooltip"], "cfg tooltip must say what it maps to"
+    for family_parameter in ("true_cfg_scale", "guidance_scale = cfg - 1", "guidance_scale:"):
+        assert family_parameter in sampler["cfg"][1]["tooltip"], "cfg tooltip must say what it maps to per family"
+    assert (sampler["num_frames"][1]["default"], sampler["guidance"][1]["default"], sampler["cfg_2"][1]["default"]) == (81, 3.5, -1.0)
+    assert loader["transformer_file"][0][0] == "none" and loader["transformer_file"][1]["default"] == "none"
     assert sampler["width"][1]["default"] == sampler["height"][1]["default"] == 1024
     decode = _inputs(comfy.get_json("/object_info/OmniVAETiledDecode")["OmniVAETiledDecode"])
     assert decode["tiling"][1]["default"] is True and decode["slicing"][1]["default"] is False

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from tests.helpers import WORKFLOWS
 from tools.workflow_format import ui_to_api
@@ -29,5 +31,13 @@ def test_ui_workflow_is_the_twin_of_the_api_one(comfy, api_path):
 def test_api_workflow_runs_as_shipped(comfy, api_path):
     prompt = json.loads(api_path.read_text())
     entry = comfy.run(prompt)
-    saved = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
-    assert saved and all(comfy.output_files(entry, node_id) for node_id in saved)
+    sampler = next(node["inputs"] for node in prompt.values() if node["class_type"] == "OmniSampler")
+    saves = {node_id: node for node_id, node in prompt.items() if node["class_type"] in ("SaveImage", "SaveAnimatedWEBP")}
+    assert saves
+    for node_id, node in saves.items():
+        [data] = comfy.output_files(entry, node_id)
+        image = Image.open(io.BytesIO(data))
+        if sampler["width"] and sampler["height"]:
+            assert image.size == (sampler["width"], sampler["height"])
+        if node["class_type"] == "SaveAnimatedWEBP":
+            assert image.n_frames == sampler["num_frames"], "every video frame is saved"

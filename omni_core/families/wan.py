@@ -1,0 +1,86 @@
+"""Wan 2.1 / 2.2 text to video: WanPipeline, WanTransformer3DModel (2.2: two experts), AutoencoderKLWan."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidInput
+from ..request import GenerationRequest
+from ..source import ModelSource
+from ..layouts import WAN_ORIGINAL
+from .base import ModelFamily, PipelineCall
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    pipeline_classes = ("WanPipeline",)
+    cfg_meaning = (
+        "guidance_scale: above 1 runs CFG with the negative prompt (two transformer passes per step); "
+        "Wan 2.2's low-noise expert uses `cfg_2` (negative = same as cfg)"
+    )
+    uses = frozenset({"num_frames", "cfg_2"})
+    denoiser_attrs = ("transformer", "transformer_2")
+    single_file_layouts = (WAN_ORIGINAL,)
+
+    @staticmethod
+    def temporal_factor(source: ModelSource) -> int:
+        return 2 ** sum(source.component_config("vae")["temperal_downsample"])
+
+    def size_multiple(self, source: ModelSource) -> int:
+        vae = source.component_config("vae")
+        patch = source.component_config("transformer")["patch_size"]
+        return 2 ** len(vae["temperal_downsample"]) * patch[1]
+
+    def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
+        super().check_request(source, request)
+        factor = self.temporal_factor(source)
+        if request.num_frames % factor != 1:
+            lower = request.num_frames - request.num_frames % factor + 1
+            below = lower - factor if lower > request.num_frames else lower
+            raise InvalidInput(
+                "num_frames",
+                f"{request.num_frames} is not {factor}k+1, which the Wan VAE needs (it compresses {factor} frames into one).",
+                f"{factor}k+1, e.g. {max(1, below)} or {max(1, below) + factor}",
+            )
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        cfg_on = request.cfg > 1
+        two_experts = pipeline.transformer_2 is not None and pipeline.config.boundary_ratio is not None
+        notes = []
+        if not cfg_on and request.negative_prompt:
+            notes.append("negative_prompt ignored: cfg <= 1 turns CFG off for wan")
+        if not two_experts and request.cfg_2 >= 0:
+            notes.append("cfg_2 ignored: this is a single-transformer Wan model (2.1 layout)")
+        kwargs = dict(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt if cfg_on else None,
+            guidance_scale=request.cfg,
+            guidance_scale_2=request.cfg_2 if two_experts and request.cfg_2 >= 0 else None,
+            num_inference_steps=request.steps,
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_videos_per_prompt=request.batch_size,
+            output_type="latent",
+        )
+        return PipelineCall(kwargs, notes, transformer_calls_per_step=2 if cfg_on else 1)
+
+    def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        latents = output.to(pipeline.vae.dtype)
+        config = pipeline.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype
+        )
+        return latents / inv_std + mean  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
+
+    def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, H, W) -> frames as an IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""
+        frames = decoded.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        return super().vae_output_to_images(pipeline, frames)
+
+    def latent_channels(self, pipeline) -> int:
+        return pipeline.vae.config.z_dim
+
+    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(transformer.blocks)
