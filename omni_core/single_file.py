@@ -37,7 +37,7 @@ def load_transformer_file(family, source: ModelSource, attr: str, path: str | Pa
     problem = safetensors_problem(path)
     if problem:
         raise ModelLoadError(f"{input_name}: {path.name} is corrupt: {problem}. Re-download that file.")
-    if attr not in source.model_index:
+    if not source.has_component(attr):
         raise ModelLoadError(f"{input_name}: '{source.name}' has no {attr} to replace.")
     class_name = source.model_index[attr][1]
     config = source.component_config(attr)

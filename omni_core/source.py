@@ -40,6 +40,10 @@ class ModelSource:
     def pipeline_class_name(self) -> str:
         return str(self.model_index.get("_class_name", "<missing _class_name>"))
 
+    def has_component(self, component: str) -> bool:
+        entry = self.model_index.get(component)
+        return isinstance(entry, list) and entry[0] is not None  # absent ones are saved as [null, null]
+
     def component_config(self, component: str) -> dict:
         path = self.folder / component / "config.json"
         if not path.is_file():

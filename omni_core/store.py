@@ -51,7 +51,7 @@ class LoadSpec:
         device = resolve_device(device)
         files = tuple(sorted((attr, str(Path(path).resolve())) for attr, path in (transformer_files or {}).items()))
         for attr, path in files:
-            if attr not in source.model_index:
+            if not source.has_component(attr):
                 raise InvalidInput(f"{attr}_file", f"'{name}' has no {attr} for {Path(path).name} to replace.", "none")
         file_stats = tuple((path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns) for _, path in files)
         return cls(

@@ -41,7 +41,7 @@ def comfy_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.clip(255.0 * images, 0, 255).astype(np.uint8)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def reference_pipeline(folder: str):
     from diffusers import DiffusionPipeline
 

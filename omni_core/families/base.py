@@ -12,11 +12,12 @@ from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 
-_INPUT_PURPOSE = {
-    "images": "an input image (edit models)",
-    "num_frames": "a frame count (video models)",
-    "guidance": "distilled guidance (Flux dev layout)",
-    "cfg_2": "the second expert's guidance (Wan 2.2)",
+# Why a family-specific Sampler input does not apply, completing "<input> ignored: <family> models ...".
+_WHY_IGNORED = {
+    "images": "take no input image (only edit models do)",
+    "num_frames": "make still images (num_frames is for video models)",
+    "guidance": "have no distilled guidance embedding (Flux dev only)",
+    "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
 }
 
 
@@ -81,7 +82,7 @@ class ModelFamily:
 
     def ignored_input_notes(self, request: GenerationRequest) -> list[str]:
         return [
-            f"{name} ignored: {self.name} models take no {_INPUT_PURPOSE[name]}"
+            f"{name} ignored: {self.name} models {_WHY_IGNORED[name]}"
             for name in request.given_family_inputs()
             if name not in self.uses
         ]

@@ -11,7 +11,7 @@ def test_generic_checks_name_the_input():
         "seed": dict(seed=-1),
         "cfg": dict(cfg=-0.5),
         "batch_size": dict(batch_size=0),
-        "width": dict(width=0),
+        "width": dict(width=-1),
     }
     for name, change in cases.items():
         with pytest.raises(InvalidInput) as info:
@@ -28,6 +28,8 @@ def test_qwen_size_multiple_comes_from_the_vae(model_dirs):
     family.check_request(source, GenerationRequest(prompt="x", width=64, height=72))
     with pytest.raises(InvalidInput, match=r"^width: 68 is not a multiple of 8.*64 or 72"):
         family.check_request(source, GenerationRequest(prompt="x", width=68, height=64))
+    with pytest.raises(InvalidInput, match=r"^height: 0 \(automatic\) needs an edit model"):
+        family.check_request(source, GenerationRequest(prompt="x", width=64, height=0))
 
 
 def test_cfg_mapping_for_qwen_image(model_dirs):
@@ -37,7 +39,7 @@ def test_cfg_mapping_for_qwen_image(model_dirs):
     assert on.transformer_calls_per_step == 2 and on.notes == []
     off = family.pipeline_call(None, GenerationRequest(prompt="p", negative_prompt="n", cfg=1.0))
     assert off.kwargs["negative_prompt"] is None and off.transformer_calls_per_step == 1
-    assert off.notes == ["negative_prompt ignored: cfg <= 1 turns CFG off for Qwen-Image"]
+    assert off.notes == ["negative_prompt ignored: cfg <= 1 turns CFG off for qwen-image"]
     # An empty negative prompt still turns true CFG on (diffusers needs a string, not None).
     assert family.pipeline_call(None, GenerationRequest(prompt="p", cfg=2.0)).kwargs["negative_prompt"] == ""
 
@@ -51,3 +53,19 @@ def test_unsupported_and_non_model_folders(tmp_path):
     assert all(name in str(info.value) for name in supported_pipeline_classes())
     with pytest.raises(InvalidInput, match="no model_index.json"):
         ModelSource.open(tmp_path)
+
+
+def test_edit_automatic_size_follows_the_input_image(model_dirs):
+    from PIL import Image
+
+    source = ModelSource.open(model_dirs["tiny-qwen-image-edit"])
+    family = family_for_source(source)
+    wide = Image.new("RGB", (96, 64))
+    prepared = family.prepare(source, GenerationRequest(prompt="x", width=0, height=0, images=(wide,)))
+    assert prepared.width % 8 == 0 and prepared.height % 8 == 0
+    assert abs(prepared.width / prepared.height - 1.5) < 0.02
+    assert 0.9e6 < prepared.width * prepared.height < 1.1e6  # about 1 MP, as the pipeline picks
+    kept = family.prepare(source, GenerationRequest(prompt="x", width=48, height=32, images=(wide,)))
+    assert (kept.width, kept.height) == (48, 32)
+    with pytest.raises(InvalidInput, match="^image: QwenImageEditPipeline edits an input image"):
+        family.prepare(source, GenerationRequest(prompt="x"))
