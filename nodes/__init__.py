@@ -2,8 +2,9 @@
 
 from .loader import OmniLoader
 from .sampler import OmniSampler
+from .teacache import OmniTeaCache
 from .vae_decode import OmniVAETiledDecode
 
-NODE_CLASSES = (OmniLoader, OmniSampler, OmniVAETiledDecode)
+NODE_CLASSES = (OmniLoader, OmniTeaCache, OmniSampler, OmniVAETiledDecode)
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODE_CLASSES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODE_CLASSES}

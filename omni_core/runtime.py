@@ -32,6 +32,7 @@ class Run:
         self.request = request
         self.report = report
         self.steps_done = 0  # denoising steps finished so far; accelerators use it as the step index
+        self.pipeline_call = loaded.family.pipeline_call(loaded.pipeline, request)
 
     def denoisers(self) -> dict[str, torch.nn.Module]:
         return self.family.denoisers(self.pipeline)
@@ -84,7 +85,7 @@ def generate(
     memory = MemoryWatch(spec.device)
 
     with run_scope(pipe, loaded, request, report) as run:
-        call = family.pipeline_call(run.pipeline, request)
+        call = run.pipeline_call
         for message in family.ignored_input_notes(request) + call.notes:
             report.note(message)
 

@@ -50,6 +50,10 @@ class ModelSource:
             raise ModelLoadError(f"model: '{self.name}' has no {component}/config.json.")
         return json.loads(path.read_text())
 
+    def scheduler_config(self) -> dict:
+        path = self.folder / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def weight_files(self, skip: list[str] = ()) -> list[Path]:
         """Safetensors files of every component, except those in `skip` (replaced from elsewhere)."""
         return sorted(p for p in self.folder.glob("*/*.safetensors") if p.parent.name not in skip)

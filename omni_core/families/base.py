@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import diffusers
 import torch
 
+from ..cache.support import TeaCacheSupport
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
@@ -41,6 +42,8 @@ class ModelFamily:
     denoiser_attrs: ClassVar[tuple[str, ...]] = ("transformer",)
     # Single-file layouts besides diffusers' own keys (see layouts.py).
     single_file_layouts: ClassVar[tuple] = ()
+    # What TeaCache watches in this family's blocks (None: TeaCache not supported).
+    teacache: ClassVar[TeaCacheSupport | None] = None
 
     def pipeline_class(self, source: ModelSource) -> type:
         return getattr(diffusers, source.pipeline_class_name)
@@ -63,6 +66,11 @@ class ModelFamily:
 
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         request.check()
+        if request.steps == 1 and source.scheduler_config().get("shift_terminal"):
+            raise InvalidInput(
+                "steps", "1 step cannot work with this model's scheduler: its shift_terminal stretch divides by "
+                "zero and every timestep becomes NaN (plain diffusers gives a NaN image too).", "2 or more",
+            )
         multiple = self.size_multiple(source)
         for name in ("width", "height"):
             value = getattr(request, name)

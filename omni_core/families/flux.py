@@ -6,8 +6,15 @@ import torch
 
 from ..request import GenerationRequest
 from ..source import ModelSource
+from ..block_hooks import BlockIO
+from ..cache.support import Coefficients, TeaCacheSupport
 from ..layouts import FLUX_BFL
 from .base import ModelFamily, PipelineCall, kl_size_multiple, scaled_shifted_latent
+
+
+def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
+    """The image stream after the first double block's AdaLayerNormZero (what its attention receives)."""
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
 
 
 class FluxFamily(ModelFamily):
@@ -19,6 +26,14 @@ class FluxFamily(ModelFamily):
     )
     uses = frozenset({"guidance"})
     single_file_layouts = (FLUX_BFL,)
+    teacache = TeaCacheSupport(
+        signal=_flux_modulated_input,
+        block_io=BlockIO("hidden_states", 1, "encoder_hidden_states", 0),
+        coefficients=Coefficients(
+            (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01),
+            "TeaCache paper / TeaCache4FLUX (FLUX.1-dev), the table vLLM-Omni ships",
+        ),
+    )
 
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)

@@ -8,6 +8,8 @@ import diffusers
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
+from ..block_hooks import BlockIO
+from ..cache.support import Coefficients, TeaCacheSupport
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
@@ -19,10 +21,30 @@ _TRUE_CFG = (
 )
 
 
+
+
+def _qwen_modulated_input(block, arguments: dict) -> torch.Tensor:
+    """The image stream after the first block's norm1 + modulation (what its attention receives)."""
+    img_mod1 = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+    normed = block.img_norm1(arguments["hidden_states"])
+    return block._modulate(normed, img_mod1, arguments.get("modulate_index"))[0]
+
+
+_QWEN_TEACACHE = TeaCacheSupport(
+    signal=_qwen_modulated_input,
+    block_io=BlockIO("hidden_states", 1, "encoder_hidden_states", 0),
+    coefficients=Coefficients(
+        (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
+        "vLLM-Omni's Qwen-Image table (from ComfyUI-TeaCache), used by vLLM-Omni for the whole Qwen-Image family",
+    ),
+)
+
+
 class QwenImageFamily(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
     cfg_meaning = _TRUE_CFG
+    teacache = _QWEN_TEACACHE
 
     def size_multiple(self, source: ModelSource) -> int:
         # Latents are 2x2-patched, so sizes must divide VAE downscale x 2.

@@ -7,8 +7,27 @@ import torch
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
+from ..block_hooks import BlockIO
+from ..cache.support import Coefficients, TeaCacheSupport
 from ..layouts import WAN_ORIGINAL
 from .base import ModelFamily, PipelineCall
+
+
+_WAN_1_3B = Coefficients(
+    (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    "TeaCache4Wan2.1 T2V-1.3B, ret-steps table (fitted on the timestep projection; the published recipe also "
+    "computes the first 5 steps: start_percent 0.1 at 50 steps)",
+)
+_WAN_14B = Coefficients(
+    (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    "TeaCache4Wan2.1 T2V-14B, ret-steps table (fitted on the timestep projection; the published recipe also "
+    "computes the first 5 steps: start_percent 0.1 at 50 steps)",
+)
+
+
+def _wan_timestep_projection(block, arguments: dict) -> torch.Tensor:
+    """Wan's published TeaCache tables watch the timestep projection each block gets as `temb` (e0)."""
+    return arguments["temb"]
 
 
 class WanFamily(ModelFamily):
@@ -21,6 +40,12 @@ class WanFamily(ModelFamily):
     uses = frozenset({"num_frames", "cfg_2"})
     denoiser_attrs = ("transformer", "transformer_2")
     single_file_layouts = (WAN_ORIGINAL,)
+    teacache = TeaCacheSupport(
+        signal=_wan_timestep_projection,
+        block_io=BlockIO("hidden_states"),
+        coefficients=_WAN_1_3B,
+        by_depth={30: _WAN_1_3B, 40: _WAN_14B},
+    )
 
     @staticmethod
     def temporal_factor(source: ModelSource) -> int:

@@ -13,6 +13,10 @@ EXPECTED_INPUTS = {
         "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT", "image": "IMAGE", "image_2": "IMAGE",
         "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT",
     },
+    "OmniTeaCache": {
+        "pipe": "OMNI_PIPE", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
+        "coefficients": "STRING", "max_consecutive_skips": "INT",
+    },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
         "slicing": "BOOLEAN",
@@ -22,8 +26,10 @@ EXPECTED_OUTPUTS = {
     "OmniLoader": ["OMNI_PIPE"],
     "OmniSampler": ["LATENT", "STRING"],
     "OmniVAETiledDecode": ["IMAGE"],
+    "OmniTeaCache": ["OMNI_PIPE"],
 }
-DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode"}
+DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode",
+                 "OmniTeaCache": "TeaCache"}
 
 
 def _inputs(info: dict) -> dict:
@@ -34,7 +40,7 @@ def test_pack_nodes_and_only_those(comfy):
     object_info = comfy.get_json("/object_info")
     ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
     assert ours == set(EXPECTED_INPUTS)
-    for name in ("OmniTeaCache", "OmniCacheDiT", "OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
+    for name in ("OmniCacheDiT", "OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
         assert name not in object_info
 
 
@@ -71,6 +77,14 @@ def test_defaults(comfy):
     decode = _inputs(comfy.get_json("/object_info/OmniVAETiledDecode")["OmniVAETiledDecode"])
     assert decode["tiling"][1]["default"] is True and decode["slicing"][1]["default"] is False
     assert (decode["tile_size"][1]["default"], decode["tile_overlap"][1]["default"]) == (256, 64)
+
+
+def test_teacache_defaults_follow_the_seed(comfy):
+    inputs = _inputs(comfy.get_json("/object_info/OmniTeaCache")["OmniTeaCache"])
+    assert inputs["rel_l1_thresh"][1]["default"] == 0.2
+    assert "0.1-0.2: minimal quality loss" in inputs["rel_l1_thresh"][1]["tooltip"]
+    assert (inputs["start_percent"][1]["default"], inputs["end_percent"][1]["default"]) == (0.0, 1.0)
+    assert inputs["coefficients"][1]["default"] == "" and inputs["max_consecutive_skips"][1]["default"] == -1
 
 
 def test_pack_imported_without_errors(comfy):

@@ -1,0 +1,94 @@
+"""Per-run hooks that replace transformer blocks' forward, installed with diffusers' HookRegistry.
+
+Blocks are hooked at their boundary (never a copied model forward) and everything is undone on exit: the
+hooks, any HookRegistry this helper had to create, and diffusers' cached lists of child registries.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+
+@lru_cache(maxsize=None)
+def _signature(block_class: type) -> inspect.Signature:
+    return inspect.signature(block_class.forward)
+
+
+def bound_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = _signature(type(block)).bind(block, *args, **kwargs)
+    return dict(bound.arguments)
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """How a family's transformer blocks take and return their streams.
+
+    `stream` is the image (or unified) token stream a cache works on. Blocks either return it alone
+    (`stream_index=None`) or in a tuple with the text stream at `other_index`.
+    """
+
+    stream_arg: str = "hidden_states"
+    stream_index: int | None = None
+    other_arg: str | None = None
+    other_index: int | None = None
+
+    def stream_in(self, arguments: dict) -> torch.Tensor:
+        return arguments[self.stream_arg]
+
+    def stream_out(self, output) -> torch.Tensor:
+        return output if self.stream_index is None else output[self.stream_index]
+
+    def output(self, arguments: dict, stream: torch.Tensor):
+        """The block's return value when it is skipped: `stream` as the main stream, other streams unchanged."""
+        if self.stream_index is None:
+            return stream
+        out = [None, None]
+        out[self.stream_index] = stream
+        out[self.other_index] = arguments[self.other_arg]
+        return tuple(out)
+
+
+class BlockForwardHook(ModelHook):
+    """Hands each call of a block to `handler(block, call_original, args, kwargs)`."""
+
+    def __init__(self, handler: Callable):
+        super().__init__()
+        self.handler = handler
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.handler(module, self.fn_ref.original_forward, args, kwargs)
+
+
+@contextmanager
+def hooked_blocks(root: torch.nn.Module, blocks: list[torch.nn.Module], handler: Callable, name: str) -> Iterator[None]:
+    created = []
+    installed = []
+    try:
+        for block in blocks:
+            if not hasattr(block, "_diffusers_hook"):
+                created.append(block)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockForwardHook(handler), name)
+            installed.append(block)
+        _invalidate(root)
+        yield
+    finally:
+        for block in installed:
+            block._diffusers_hook.remove_hook(name, recurse=False)
+        for block in created:
+            if not block._diffusers_hook.hooks:
+                del block._diffusers_hook
+        _invalidate(root)
+
+
+def _invalidate(root: torch.nn.Module) -> None:
+    registry = getattr(root, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
