@@ -44,6 +44,10 @@ class ModelFamily:
     single_file_layouts: ClassVar[tuple] = ()
     # What TeaCache watches in this family's blocks (None: TeaCache not supported).
     teacache: ClassVar[TeaCacheSupport | None] = None
+    # Whether cache-dit has a block adapter for this family's transformer.
+    cache_dit: ClassVar[bool] = True
+    # transformer config keys whose sum is the number of blocks (see transformer_blocks)
+    block_count_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
 
     def pipeline_class(self, source: ModelSource) -> type:
         return getattr(diffusers, source.pipeline_class_name)
@@ -119,6 +123,15 @@ class ModelFamily:
 
     def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         raise NotImplementedError
+
+    def block_count(self, source: ModelSource) -> int:
+        """Blocks per denoiser, from the config (no weights loaded)."""
+        config = source.component_config("transformer")
+        return sum(config[key] for key in self.block_count_keys)
+
+    def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
+        """How many denoising steps each denoiser runs."""
+        return {"transformer": request.steps}
 
 
 def scaled_shifted_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class FluxFamily(ModelFamily):
     )
     uses = frozenset({"guidance"})
     single_file_layouts = (FLUX_BFL,)
+    block_count_keys = ("num_layers", "num_single_layers")
     teacache = TeaCacheSupport(
         signal=_flux_modulated_input,
         block_io=BlockIO("hidden_states", 1, "encoder_hidden_states", 0),

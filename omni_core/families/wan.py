@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import InvalidInput
@@ -67,6 +69,16 @@ class WanFamily(ModelFamily):
                 f"{request.num_frames} is not {factor}k+1, which the Wan VAE needs (it compresses {factor} frames into one).",
                 f"{factor}k+1, e.g. {max(1, below)} or {max(1, below) + factor}",
             )
+
+    def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
+        """Wan 2.2 gives steps with timestep >= boundary_ratio x 1000 to the high-noise expert, the rest to the other."""
+        boundary = pipeline.config.boundary_ratio
+        if pipeline.transformer_2 is None or boundary is None:
+            return {"transformer": request.steps}
+        scheduler = copy.deepcopy(pipeline.scheduler)
+        scheduler.set_timesteps(request.steps)
+        high = int((scheduler.timesteps >= boundary * scheduler.config.num_train_timesteps).sum())
+        return {"transformer": high, "transformer_2": request.steps - high}
 
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         cfg_on = request.cfg > 1

@@ -22,6 +22,7 @@ class ZImageFamily(ModelFamily):
     name = "z-image"
     pipeline_classes = ("ZImagePipeline",)
     single_file_layouts = (Z_IMAGE_ORIGINAL,)
+    block_count_keys = ("n_layers",)
     teacache = TeaCacheSupport(
         signal=_z_image_modulated_input,
         block_io=BlockIO("x"),

@@ -17,6 +17,12 @@ EXPECTED_INPUTS = {
         "pipe": "OMNI_PIPE", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
         "coefficients": "STRING", "max_consecutive_skips": "INT",
     },
+    "OmniCacheDiT": {
+        "pipe": "OMNI_PIPE", "Fn_compute_blocks": "INT", "Bn_compute_blocks": "INT", "max_warmup_steps": "INT",
+        "residual_diff_threshold": "FLOAT", "max_continuous_cached_steps": "INT", "max_cached_steps": "INT",
+        "enable_taylorseer": "BOOLEAN", "taylorseer_order": "INT", "scm_steps_mask_policy": "COMBO",
+        "scm_steps_policy": "COMBO",
+    },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
         "slicing": "BOOLEAN",
@@ -27,9 +33,10 @@ EXPECTED_OUTPUTS = {
     "OmniSampler": ["LATENT", "STRING"],
     "OmniVAETiledDecode": ["IMAGE"],
     "OmniTeaCache": ["OMNI_PIPE"],
+    "OmniCacheDiT": ["OMNI_PIPE"],
 }
 DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode",
-                 "OmniTeaCache": "TeaCache"}
+                 "OmniTeaCache": "TeaCache", "OmniCacheDiT": "Cache-DiT"}
 
 
 def _inputs(info: dict) -> dict:
@@ -40,7 +47,7 @@ def test_pack_nodes_and_only_those(comfy):
     object_info = comfy.get_json("/object_info")
     ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
     assert ours == set(EXPECTED_INPUTS)
-    for name in ("OmniCacheDiT", "OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
+    for name in ("OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
         assert name not in object_info
 
 
@@ -85,6 +92,18 @@ def test_teacache_defaults_follow_the_seed(comfy):
     assert "0.1-0.2: minimal quality loss" in inputs["rel_l1_thresh"][1]["tooltip"]
     assert (inputs["start_percent"][1]["default"], inputs["end_percent"][1]["default"]) == (0.0, 1.0)
     assert inputs["coefficients"][1]["default"] == "" and inputs["max_consecutive_skips"][1]["default"] == -1
+
+
+def test_cache_dit_defaults_are_vllm_omnis(comfy):
+    inputs = _inputs(comfy.get_json("/object_info/OmniCacheDiT")["OmniCacheDiT"])
+    defaults = {name: spec[1]["default"] for name, spec in inputs.items() if name != "pipe"}
+    assert defaults == {
+        "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 4, "residual_diff_threshold": 0.24,
+        "max_continuous_cached_steps": 3, "max_cached_steps": -1, "enable_taylorseer": False, "taylorseer_order": 1,
+        "scm_steps_mask_policy": "none", "scm_steps_policy": "dynamic",
+    }
+    assert inputs["scm_steps_mask_policy"][0] == ["none", "slow", "medium", "fast", "ultra"]
+    assert inputs["scm_steps_policy"][0] == ["dynamic", "static"]
 
 
 def test_pack_imported_without_errors(comfy):

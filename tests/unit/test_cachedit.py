@@ -1,0 +1,195 @@
+"""Cache-DiT in omni_core: cache-dit applied for one run, counted by independent probes, fully undone."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, LoadSpec, ModelStore, OmniPipe, generate
+from omni_core.cache.cachedit import CacheDiT, scm_mask
+from omni_core.cache.teacache import TeaCache
+from omni_core.probes import block_probe_target
+
+FAMILY_MODELS = {
+    "qwen-image": ("tiny-qwen-image", {}),
+    "z-image": ("tiny-z-image", {}),
+    "flux": ("tiny-flux", {}),
+    "wan22": ("tiny-wan22", dict(num_frames=5)),
+}
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ModelStore()
+
+
+def _pipe(model_dirs, model):
+    return OmniPipe(LoadSpec.create(model_dirs[model], model))
+
+
+def _request(**kwargs):
+    return GenerationRequest(**{"prompt": "a red circle", "negative_prompt": "blurry", "seed": 4, "steps": 12,
+                                "cfg": 4.0, "width": 32, "height": 32, **kwargs})
+
+
+def test_settings_are_checked_with_named_inputs():
+    cases = [
+        (dict(Fn_compute_blocks=0), "Fn_compute_blocks"), (dict(Bn_compute_blocks=-1), "Bn_compute_blocks"),
+        (dict(residual_diff_threshold=-0.1), "residual_diff_threshold"), (dict(taylorseer_order=5), "taylorseer_order"),
+        (dict(scm_steps_mask_policy="turbo"), "scm_steps_mask_policy"), (dict(scm_steps_policy="sometimes"), "scm_steps_policy"),
+        (dict(max_cached_steps=-3), "max_cached_steps"), (dict(max_warmup_steps=-1), "max_warmup_steps"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(InvalidInput) as info:
+            CacheDiT(**kwargs)
+        assert info.value.input_name == name
+
+
+def test_block_budget_and_scm_step_counts_are_refused_clearly(model_dirs):
+    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    with pytest.raises(InvalidInput, match=r"Fn_compute_blocks \+ Bn_compute_blocks = 2, but 'tiny-qwen-image' has only 2 transformer blocks"):
+        pipe.with_accelerator(CacheDiT(Fn_compute_blocks=1, Bn_compute_blocks=1))
+    with pytest.raises(InvalidInput) as info:
+        CacheDiT(scm_steps_mask_policy="fast").check_request(pipe.spec, _request(steps=7))
+    assert "cannot build a step mask for 7 steps" in str(info.value) and "steps = 4, 6 or 8 and up" in str(info.value)
+    assert scm_mask("fast", 8) == [1, 1, 1, 0, 1, 0, 0, 1] and scm_mask("fast", 5) is None
+
+
+def test_stacking_with_teacache_is_refused(model_dirs):
+    with pytest.raises(IncompatibleStack, match="Cache-DiT cannot be stacked on TeaCache"):
+        _pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache()).with_accelerator(CacheDiT())
+
+
+def _probed_run(store, pipe, request):
+    loaded, _ = store.get(pipe.spec)
+    blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
+    count = {"n": 0}
+
+    def hook(module, args):
+        count["n"] += 1
+
+    handles = [block_probe_target(b).register_forward_pre_hook(hook) for b in blocks]
+    try:
+        return generate(pipe, request, store), count["n"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_exact_at_zero_and_counts_match_probes(model_dirs, store, family):
+    model, extra = FAMILY_MODELS[family]
+    pipe = _pipe(model_dirs, model)
+    plain = generate(pipe, _request(**extra), store).latent
+    assert torch.equal(generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.0)), _request(**extra), store).latent, plain)
+    config = CacheDiT(residual_diff_threshold=0.8)
+    result, probed = _probed_run(store, pipe.with_accelerator(config), _request(**extra))
+    section = result.report.sections["cache_dit"]
+    counters = result.report.counters
+    blocks = counters["block_passes"]["possible"] // counters["transformer_calls"]
+    middle = blocks - config.Fn_compute_blocks - config.Bn_compute_blocks
+    assert 0 < section["calls_cached"] < counters["transformer_calls"]
+    assert probed == counters["block_passes"]["computed"] == counters["block_passes"]["possible"] - section["calls_cached"] * middle
+    assert not torch.equal(result.latent, plain)
+    assert torch.equal(generate(pipe, _request(**extra), store).latent, plain), "nothing left behind"
+
+
+def test_steps_changing_between_runs_equal_fresh_runs(model_dirs, store):
+    pipe = _pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
+    first = generate(pipe, _request(steps=8), store)
+    longer = generate(pipe, _request(steps=16), store)
+    again = generate(pipe, _request(steps=8), store)
+    assert torch.equal(first.latent, again.latent)
+    fresh = generate(pipe, _request(steps=16), ModelStore())  # a new load, never run before
+    assert torch.equal(longer.latent, fresh.latent)
+    assert longer.report.sections["cache_dit"]["denoisers"]["transformer"]["steps"] == 16
+    assert max(longer.report.sections["cache_dit"]["denoisers"]["transformer"]["cached_steps"]) >= 8
+
+
+def test_wan22_experts_each_get_their_share_of_steps(model_dirs, store):
+    pipe = _pipe(model_dirs, "tiny-wan22").with_accelerator(CacheDiT(residual_diff_threshold=0.8, max_warmup_steps=2))
+    result = generate(pipe, _request(num_frames=5), store)
+    calls = result.report.counters["transformer_calls_by_denoiser"]
+    experts = result.report.sections["cache_dit"]["denoisers"]
+    assert {name: e["steps"] * 2 for name, e in experts.items()} == calls, "each expert is told the steps it runs"
+    high = experts["transformer"]["steps"]
+    assert experts["transformer_2"]["first_step"] == high
+    assert all(s < high for s in experts["transformer"]["cached_steps"])
+    assert all(s >= high + 2 for s in experts["transformer_2"]["cached_steps"]), "the low-noise expert warms up on its own"
+    assert experts["transformer_2"]["cached_steps"], "both experts cache"
+
+
+def test_static_scm_caches_exactly_the_masked_steps(model_dirs, store):
+    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    config = CacheDiT(residual_diff_threshold=0.0, scm_steps_mask_policy="fast", scm_steps_policy="static",
+                      max_warmup_steps=0, max_continuous_cached_steps=-1)
+    result = generate(pipe.with_accelerator(config), _request(), store)
+    expert = result.report.sections["cache_dit"]["denoisers"]["transformer"]
+    masked = [i for i, m in enumerate(expert["scm_mask"]) if m == 0]
+    assert expert["cached_steps"] == masked and expert["cfg_cached_steps"] == masked
+    dynamic = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.0, scm_steps_mask_policy="fast")), _request(), store)
+    assert dynamic.report.sections["cache_dit"]["calls_cached"] == 0, "dynamic SCM still asks the residual check"
+
+
+def test_taylorseer_forecasts_on_the_same_cached_steps(model_dirs, store):
+    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    reuse = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(), store)
+    forecast = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.8, enable_taylorseer=True, taylorseer_order=2)),
+                        _request(), store)
+    cached = [r.report.sections["cache_dit"]["denoisers"]["transformer"]["cached_steps"] for r in (reuse, forecast)]
+    assert cached[0] and cached[1]
+    assert not torch.equal(reuse.latent, forecast.latent), "cached steps are forecast, not reused"
+    assert forecast.report.sections["cache_dit"]["config"]["taylorseer_order"] == 2
+
+
+def test_cache_dit_never_touches_pipeline_classes_or_other_models(model_dirs, store, tmp_path):
+    import shutil
+
+    other_folder = tmp_path / "other-qwen"
+    shutil.copytree(model_dirs["tiny-qwen-image"], other_folder)
+    other = OmniPipe(LoadSpec.create(other_folder, "other-qwen"))
+    call_before = diffusers.QwenImagePipeline.__call__
+    other_fresh = generate(other, _request(), store).latent
+    cached = _pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
+
+    def run_other_mid_way(done, total, latents):
+        if done == 6:  # the other model runs while this one is cached
+            torch.testing.assert_close(generate(other, _request(), store).latent, other_fresh, rtol=0, atol=0)
+
+    generate(cached, _request(), store, on_step=run_other_mid_way)
+    assert diffusers.QwenImagePipeline.__call__ is call_before
+    loaded, _ = store.get(cached.spec)
+    assert not hasattr(loaded.pipeline.transformer, "_context_manager")
+
+
+def test_cancelled_cached_run_leaves_nothing_behind(model_dirs, store):
+    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    loaded, _ = store.get(pipe.spec)
+    forwards = [b.forward for b in loaded.family.transformer_blocks(loaded.pipeline.transformer)]
+    fresh = generate(pipe, _request(), store).latent
+
+    def cancel(done, total, latents):
+        if done == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(), store, on_step=cancel)
+    assert [b.forward for b in loaded.family.transformer_blocks(loaded.pipeline.transformer)] == forwards
+    assert not hasattr(loaded.pipeline.transformer, "_context_manager")
+    assert torch.equal(generate(pipe, _request(), store).latent, fresh)
+
+
+@pytest.mark.parametrize("model, cfg, separate", [
+    ("tiny-qwen-image", 4.0, True), ("tiny-qwen-image", 1.0, False), ("tiny-z-image", 4.0, False), ("tiny-flux", 1.0, False),
+])
+def test_separate_cfg_follows_how_the_pipeline_calls_the_transformer(model_dirs, store, model, cfg, separate):
+    """cache-dit would switch separate CFG on for Qwen-Image by itself and then treat every other call of a
+    CFG-off run as a negative branch; it must be on exactly when there are two calls per step."""
+    result = generate(_pipe(model_dirs, model).with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(cfg=cfg), store)
+    section = result.report.sections["cache_dit"]
+    assert section["enable_separate_cfg"] is separate
+    expert = section["denoisers"]["transformer"]
+    assert bool(expert["cfg_cached_steps"]) is separate
+    assert section["calls_cached"] == len(expert["cached_steps"]) + len(expert["cfg_cached_steps"])
+    assert all(step >= 4 for step in expert["cached_steps"]), "the 4 warmup steps always compute"
