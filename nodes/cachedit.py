@@ -1,17 +1,10 @@
 from __future__ import annotations
 
-from ..omni_core import OmniError, OmniPipe
 from ..omni_core.cache.cachedit import SCM_POLICIES, SCM_STEP_POLICIES, CacheDiT
-from .loader import CATEGORY
-
-_INPUT_NAMES = (
-    "Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps", "residual_diff_threshold",
-    "max_continuous_cached_steps", "max_cached_steps", "enable_taylorseer", "taylorseer_order",
-    "scm_steps_mask_policy", "scm_steps_policy",
-)
+from .acceleration import AccelerationNode
 
 
-class OmniCacheDiT:
+class OmniCacheDiT(AccelerationNode):
     NODE_ID = "OmniCacheDiT"
     DISPLAY_NAME = "Cache-DiT"
     DESCRIPTION = (
@@ -21,50 +14,30 @@ class OmniCacheDiT:
         "transformer(s) of this run only; the Sampler's report (cache_dit) lists the cached steps per branch. "
         "Cannot be stacked with TeaCache."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("OMNI_PIPE",)
-    RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The same model with Cache-DiT added to its recipe (applied by the Sampler, for its run only).",)
-    FUNCTION = "apply"
+    SETTINGS = {
+        "Fn_compute_blocks": ("INT", {"default": 1, "min": 1, "max": 128,
+            "tooltip": "First blocks that always compute; their residual decides whether to cache. More = safer, slower."}),
+        "Bn_compute_blocks": ("INT", {"default": 0, "min": 0, "max": 128,
+            "tooltip": "Last blocks that always compute, to correct the cached middle. Fn + Bn must stay below the model's block count."}),
+        "max_warmup_steps": ("INT", {"default": 4, "min": 0, "max": 1000,
+            "tooltip": "Steps at the start that always compute (the composition forms there)."}),
+        "residual_diff_threshold": ("FLOAT", {"default": 0.24, "min": 0.0, "max": 10.0, "step": 0.01,
+            "tooltip": "Cache when the first blocks' residual changed less than this (relative) since the last computed step. Higher = faster, lossier; 0 = never cache."}),
+        "max_continuous_cached_steps": ("INT", {"default": 3, "min": -1, "max": 1000,
+            "tooltip": "At most this many cached steps in a row; -1 = no bound."}),
+        "max_cached_steps": ("INT", {"default": -1, "min": -1, "max": 10000,
+            "tooltip": "At most this many cached steps per run; -1 = no bound."}),
+        "enable_taylorseer": ("BOOLEAN", {"default": False,
+            "tooltip": "TaylorSeer: on cached steps, forecast the residual with a Taylor expansion of recent steps instead of reusing the last one."}),
+        "taylorseer_order": ("INT", {"default": 1, "min": 1, "max": 4,
+            "tooltip": "Order of the Taylor expansion (1 or 2 recommended); used only with enable_taylorseer."}),
+        "scm_steps_mask_policy": (list(SCM_POLICIES), {"default": "none",
+            "tooltip": "SCM (step computation mask): a preset pattern of compute/cache steps, slow (safest) to ultra (fastest). Needs 4, 6 or 8+ steps."}),
+        "scm_steps_policy": (list(SCM_STEP_POLICIES), {"default": "dynamic",
+            "tooltip": "dynamic: masked steps are cached only if the residual check also allows it; static: masked steps are always cached."}),
+    }
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pipe": ("OMNI_PIPE", {"tooltip": "From Omni Loader or another acceleration node."}),
-                "Fn_compute_blocks": ("INT", {"default": 1, "min": 1, "max": 128,
-                    "tooltip": "First blocks that always compute; their residual decides whether to cache. More = safer, slower."}),
-                "Bn_compute_blocks": ("INT", {"default": 0, "min": 0, "max": 128,
-                    "tooltip": "Last blocks that always compute, to correct the cached middle. Fn + Bn must stay below the model's block count."}),
-                "max_warmup_steps": ("INT", {"default": 4, "min": 0, "max": 1000,
-                    "tooltip": "Steps at the start that always compute (the composition forms there)."}),
-                "residual_diff_threshold": ("FLOAT", {"default": 0.24, "min": 0.0, "max": 10.0, "step": 0.01,
-                    "tooltip": "Cache when the first blocks' residual changed less than this (relative) since the last computed step. Higher = faster, lossier; 0 = never cache."}),
-                "max_continuous_cached_steps": ("INT", {"default": 3, "min": -1, "max": 1000,
-                    "tooltip": "At most this many cached steps in a row; -1 = no bound."}),
-                "max_cached_steps": ("INT", {"default": -1, "min": -1, "max": 10000,
-                    "tooltip": "At most this many cached steps per run; -1 = no bound."}),
-                "enable_taylorseer": ("BOOLEAN", {"default": False,
-                    "tooltip": "TaylorSeer: on cached steps, forecast the residual with a Taylor expansion of recent steps instead of reusing the last one."}),
-                "taylorseer_order": ("INT", {"default": 1, "min": 1, "max": 4,
-                    "tooltip": "Order of the Taylor expansion (1 or 2 recommended); used only with enable_taylorseer."}),
-                "scm_steps_mask_policy": (list(SCM_POLICIES), {"default": "none",
-                    "tooltip": "SCM (step computation mask): a preset pattern of compute/cache steps, slow (safest) to ultra (fastest). Needs 4, 6 or 8+ steps."}),
-                "scm_steps_policy": (list(SCM_STEP_POLICIES), {"default": "dynamic",
-                    "tooltip": "dynamic: masked steps are cached only if the residual check also allows it; static: masked steps are always cached."}),
-            }
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, **inputs):
-        values = {name: inputs.get(name) for name in _INPUT_NAMES}
-        if None in values.values():
-            return True  # a linked value is only known when the node runs; apply() checks it then
-        try:
-            CacheDiT(**values)
-        except OmniError as exc:
-            return str(exc)
-        return True
-
-    def apply(self, pipe: OmniPipe, **settings):
-        return (pipe.with_accelerator(CacheDiT(**settings)),)
+    def build(cls, **settings):
+        return CacheDiT(**settings)

@@ -42,8 +42,8 @@ def _install_free_memory_hook() -> None:
         return
 
     @functools.wraps(original)
-    def free_memory(memory_required, device, keep_loaded=[]):
-        unloaded = original(memory_required, device, keep_loaded)
+    def free_memory(memory_required, device, *args, **kwargs):
+        unloaded = original(memory_required, device, *args, **kwargs)
         _release_for(memory_required, device)
         return unloaded
 
@@ -96,11 +96,20 @@ def transformer_file_path(name: str) -> str | None:
 
 
 # --- progress ---------------------------------------------------------------------------------------
+def previews_enabled() -> bool:
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
 def step_listener(total_steps: int):
-    """One progress update per step; ComfyUI's hook raises on Cancel, which ends the run cleanly."""
+    """One progress update per step (with a preview image when ComfyUI shows previews); ComfyUI's hook
+    raises on Cancel, which ends the run cleanly."""
+    from comfy.cli_args import args
+
     bar = comfy.utils.ProgressBar(total_steps)
 
-    def on_step(done: int, total: int, latents) -> None:
-        bar.update_absolute(done, total)
+    def on_step(done: int, total: int, preview) -> None:
+        bar.update_absolute(done, total, ("JPEG", preview, args.preview_size) if preview is not None else None)
 
     return on_step

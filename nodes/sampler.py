@@ -4,7 +4,7 @@ from ..omni_core import GenerationRequest, OmniPipe, generate
 from ..omni_core.families import FAMILIES
 from ..omni_core.images import tensor_to_pil
 from ..omni_core.request import MAX_SEED
-from .host import STORE, step_listener
+from .host import STORE, previews_enabled, step_listener
 from .loader import CATEGORY
 
 _SIZE_TOOLTIP = (
@@ -75,5 +75,5 @@ class OmniSampler:
             width=width, height=height, batch_size=batch_size, images=tuple(images), num_frames=num_frames,
             guidance=guidance, cfg_2=cfg_2,
         )
-        result = generate(pipe, request, STORE, on_step=step_listener(steps))
+        result = generate(pipe, request, STORE, on_step=step_listener(steps), previews=previews_enabled())
         return ({"samples": result.latent.cpu()}, result.report.to_json())

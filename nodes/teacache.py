@@ -1,21 +1,10 @@
 from __future__ import annotations
 
-from ..omni_core import OmniError, OmniPipe
 from ..omni_core.cache.teacache import MAX_THRESHOLD, TeaCache, parse_coefficients
-from .loader import CATEGORY
+from .acceleration import AccelerationNode
 
 
-def _config(rel_l1_thresh, start_percent, end_percent, coefficients="", max_consecutive_skips=-1) -> TeaCache:
-    return TeaCache(
-        rel_l1_thresh=rel_l1_thresh,
-        start_percent=start_percent,
-        end_percent=end_percent,
-        coefficients=parse_coefficients(coefficients),
-        max_consecutive_skips=max_consecutive_skips,
-    )
-
-
-class OmniTeaCache:
+class OmniTeaCache(AccelerationNode):
     NODE_ID = "OmniTeaCache"
     DISPLAY_NAME = "TeaCache"
     DESCRIPTION = (
@@ -23,56 +12,42 @@ class OmniTeaCache:
         "computed step, reusing that step's residual. State is kept per CFG branch and reset every run; the "
         "Sampler's report (tea_cache) lists computed/skipped steps per branch. Cannot be stacked with Cache-DiT."
     )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("OMNI_PIPE",)
-    RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The same model with TeaCache added to its recipe (applied by the Sampler, for its run only).",)
-    FUNCTION = "apply"
+    SETTINGS = {
+        "rel_l1_thresh": ("FLOAT", {
+            "default": 0.2, "min": 0.0, "max": MAX_THRESHOLD, "step": 0.01,
+            "tooltip": "How much accumulated (rescaled) input change is tolerated before the blocks run again. "
+                       "0.1-0.2: minimal quality loss (~1.5x); 0.4: slight loss (~1.8x); 0.6-0.8: noticeable loss "
+                       "(~2-2.25x). 0 = never skip (identical output).",
+        }),
+        "start_percent": ("FLOAT", {
+            "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "Steps before this fraction of the run always compute (protects the composition formed early). "
+                       "Wan's published tables expect 0.1 at 50 steps.",
+        }),
+        "end_percent": ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "Steps from this fraction on always compute (protects the fine detail of the last steps).",
+        }),
+    }
+    OPTIONAL_SETTINGS = {
+        "coefficients": ("STRING", {
+            "default": "", "multiline": False,
+            "tooltip": "Override the family's rescaling polynomial: comma-separated, highest power first (e.g. from "
+                       "python -m omni_core.cache.calibrate). Empty = the family's table.",
+        }),
+        "max_consecutive_skips": ("INT", {
+            "default": -1, "min": -1, "max": 1000,
+            "tooltip": "At most this many skipped steps in a row per branch; -1 = no bound.",
+        }),
+    }
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pipe": ("OMNI_PIPE", {"tooltip": "From Omni Loader or another acceleration node."}),
-                "rel_l1_thresh": ("FLOAT", {
-                    "default": 0.2, "min": 0.0, "max": MAX_THRESHOLD, "step": 0.01,
-                    "tooltip": "How much accumulated (rescaled) input change is tolerated before the blocks run "
-                               "again. 0.1-0.2: minimal quality loss (~1.5x); 0.4: slight loss (~1.8x); 0.6-0.8: "
-                               "noticeable loss (~2-2.25x). 0 = never skip (identical output).",
-                }),
-                "start_percent": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Steps before this fraction of the run always compute (protects the composition "
-                               "formed early). Wan's published tables expect 0.1 at 50 steps.",
-                }),
-                "end_percent": ("FLOAT", {
-                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Steps from this fraction on always compute (protects the fine detail of the last steps).",
-                }),
-            },
-            "optional": {
-                "coefficients": ("STRING", {
-                    "default": "", "multiline": False,
-                    "tooltip": "Override the family's rescaling polynomial: comma-separated, highest power first "
-                               "(e.g. from python -m omni_core.cache.calibrate). Empty = the family's table.",
-                }),
-                "max_consecutive_skips": ("INT", {
-                    "default": -1, "min": -1, "max": 1000,
-                    "tooltip": "At most this many skipped steps in a row per branch; -1 = no bound.",
-                }),
-            },
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, rel_l1_thresh, start_percent, end_percent, coefficients="", max_consecutive_skips=-1):
-        if None in (rel_l1_thresh, start_percent, end_percent, coefficients, max_consecutive_skips):
-            return True  # a linked value is only known when the node runs; apply() checks it then
-        try:
-            _config(rel_l1_thresh, start_percent, end_percent, coefficients, max_consecutive_skips)
-        except OmniError as exc:
-            return str(exc)
-        return True
-
-    def apply(self, pipe: OmniPipe, rel_l1_thresh, start_percent, end_percent, coefficients="", max_consecutive_skips=-1):
-        config = _config(rel_l1_thresh, start_percent, end_percent, coefficients, max_consecutive_skips)
-        return (pipe.with_accelerator(config),)
+    def build(cls, rel_l1_thresh, start_percent, end_percent, coefficients="", max_consecutive_skips=-1):
+        return TeaCache(
+            rel_l1_thresh=rel_l1_thresh,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            coefficients=parse_coefficients(coefficients),
+            max_consecutive_skips=max_consecutive_skips,
+        )

@@ -8,7 +8,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 
 import torch
+from PIL import Image
 
+from .preview import Previewer, fit_rgb_map
 from .probes import block_probe_target, counting_calls, timing_calls
 from .recipe import OmniPipe
 from .report import MemoryWatch, RunReport
@@ -17,9 +19,9 @@ from .store import LoadedModel, ModelStore
 
 log = logging.getLogger("omni_accel")
 
-# Called after each denoising step with (steps done, total steps, current latents). It may raise to
+# Called after each denoising step with (steps done, total steps, preview image or None). It may raise to
 # cancel the run (ComfyUI's progress bar does on Cancel); the run scope still restores the model.
-StepListener = Callable[[int, int, torch.Tensor], None]
+StepListener = Callable[[int, int, "Image.Image | None"], None]
 
 
 class Run:
@@ -58,6 +60,7 @@ def generate(
     request: GenerationRequest,
     store: ModelStore,
     on_step: StepListener | None = None,
+    previews: bool = False,
 ) -> GenerationResult:
     spec = pipe.spec
     family = spec.model_family
@@ -89,11 +92,19 @@ def generate(
         for message in family.ignored_input_notes(request) + call.notes:
             report.note(message)
 
+        previewer = None
+        if previews and on_step is not None:
+            rgb_map = loaded.derived.get("preview_rgb_map")
+            if rgb_map is None:
+                rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline, family)
+            previewer = Previewer(run.pipeline, family, request, rgb_map)
+
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             run.steps_done = step + 1
             memory.sample()
             if on_step is not None:
-                on_step(step + 1, request.steps, tensors.get("latents"))
+                preview = previewer(step + 1, tensors["latents"]) if previewer else None
+                on_step(step + 1, request.steps, preview)
             return {}
 
         with ExitStack() as probes:

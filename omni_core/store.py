@@ -83,6 +83,8 @@ class LoadedModel:
     pipeline: Any
     load_seconds: float
     load_id: int  # increases with every load in this store: a changed id means the weights were reloaded
+    # Things derived once from these weights and reused by later runs (e.g. the preview colour map).
+    derived: dict = field(default_factory=dict)
 
     @property
     def family(self) -> ModelFamily:
@@ -135,6 +137,15 @@ class ModelStore:
         self._loads += 1
         log.info("Omni Accel: loaded %s (%s, %s) in %.1f s", spec.name, spec.dtype, spec.device, seconds)
         return LoadedModel(spec=spec, pipeline=pipeline, load_seconds=seconds, load_id=self._loads)
+
+    def adopt(self, spec: LoadSpec, pipeline: Any) -> LoadedModel:
+        """Hold a pipeline built in memory under `spec` (benchmarks of random full-size weights, which would
+        take tens of GB to write to disk and read back)."""
+        with self._lock:
+            self._loads += 1
+            loaded = LoadedModel(spec=spec, pipeline=pipeline, load_seconds=0.0, load_id=self._loads)
+            self._models[spec] = loaded
+            return loaded
 
     def loaded_specs(self) -> list[LoadSpec]:
         with self._lock:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", module="diffusers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from omni_core.tiny_models import TEST_MODELS, build_models  # noqa: E402
+from omni_core.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 
 MODELS_CACHE = ROOT / ".build" / "test-models"
 
@@ -22,7 +22,7 @@ MODELS_CACHE = ROOT / ".build" / "test-models"
 @pytest.fixture(scope="session")
 def model_dirs() -> dict[str, Path]:
     """name -> diffusers folder of every small test model (built once, reused while identical)."""
-    paths = build_models(MODELS_CACHE / "diffusers", TEST_MODELS)
+    paths = build_models(MODELS_CACHE / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
     return {path.name: path for path in paths}
 
 
@@ -35,6 +35,6 @@ def comfy(tmp_path_factory, model_dirs):
     diffusers_dir.mkdir(parents=True)
     for name, path in model_dirs.items():
         (diffusers_dir / name).symlink_to(path, target_is_directory=True)
-    server = ComfyServer(base).start()
+    server = ComfyServer(base, extra_args=["--preview-method", "auto"]).start()
     yield server
     server.stop()

@@ -45,7 +45,7 @@ def comfy_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
 def reference_pipeline(folder: str):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -101,6 +101,7 @@ class ComfyServer:
         self._events = threading.Condition()
         self._finished: set[str] = set()
         self._progress: dict[str, list[int]] = {}
+        self.previews: list[bytes] = []  # preview images the server sent (binary websocket frames)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> "ComfyServer":
@@ -135,7 +136,9 @@ class ComfyServer:
             if not message:
                 break  # closed
             if not isinstance(message, str):
-                continue  # binary frames are latent previews
+                with self._events:  # 4-byte event type, 4-byte image format, then the image
+                    self.previews.append(message[8:])
+                continue
             event = json.loads(message)
             data = event.get("data") or {}
             prompt_id = data.get("prompt_id")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omni_core.tiny_models import TEST_MODELS, build_models  # noqa: E402
+from omni_core.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 from tools.comfy_harness import BUILD, comfyui_command, extra_model_paths_yaml, prepare_base_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -22,14 +22,14 @@ parser.add_argument("--models-dir", default="", help="a ComfyUI models folder to
 args = parser.parse_args()
 
 base = prepare_base_dir(BUILD / "base")
-build_models(base / "models" / "diffusers", TEST_MODELS)
+build_models(base / "models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
 extra = []
 if args.models_dir:
     models_dir = Path(args.models_dir).expanduser().resolve()
     if not models_dir.is_dir():
         sys.exit(f"MODELS_DIR={args.models_dir} is not a folder")
     extra = ["--extra-model-paths-config", str(extra_model_paths_yaml(BUILD / "extra_model_paths.yaml", [models_dir]))]
-command = comfyui_command(base, args.port, extra)
+command = comfyui_command(base, args.port, ["--preview-method", "auto", *extra])
 print(f"[serve] http://127.0.0.1:{args.port}  (Ctrl-C stops)", flush=True)
 os.chdir(BUILD / "comfyui")
 os.execv(command[0], command)

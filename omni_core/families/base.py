@@ -40,6 +40,12 @@ class ModelFamily:
     uses: ClassVar[frozenset[str]] = frozenset()
     # Pipeline attributes holding denoisers (Wan 2.2 has two).
     denoiser_attrs: ClassVar[tuple[str, ...]] = ("transformer",)
+    # The pipeline's name for "outputs per prompt".
+    batch_argument: ClassVar[str] = "num_images_per_prompt"
+    # True when the pipeline runs the prompt and the negative prompt as one batched transformer pass.
+    cfg_batched: ClassVar[bool] = False
+    # Video families keep LATENT samples 5-D (B, C, T, H, W) and return frames as the IMAGE batch.
+    video: ClassVar[bool] = False
     # Single-file layouts besides diffusers' own keys (see layouts.py).
     single_file_layouts: ClassVar[tuple] = ()
     # What TeaCache watches in this family's blocks (None: TeaCache not supported).
@@ -55,7 +61,7 @@ class ModelFamily:
     def load(self, source: ModelSource, dtype: torch.dtype, device: str, **components):
         """`components` replace folder components (e.g. a transformer loaded from a single file)."""
         pipeline = self.pipeline_class(source).from_pretrained(
-            str(source.folder), torch_dtype=dtype, local_files_only=True, **components
+            str(source.folder), dtype=dtype, local_files_only=True, **components
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
@@ -99,12 +105,37 @@ class ModelFamily:
             if name not in self.uses
         ]
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+    def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:
+        """The family's guidance arguments for the pipeline (and notes on inputs that did not apply)."""
         raise NotImplementedError
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        cfg_on = request.cfg > 1
+        notes = []
+        if not cfg_on and request.negative_prompt:
+            notes.append(f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}")
+        guidance, guidance_notes = self.guidance(pipeline, request)
+        kwargs = {
+            "prompt": request.prompt,
+            # Pipelines run CFG only when a negative prompt is given (an empty one is valid).
+            "negative_prompt": request.negative_prompt if cfg_on else None,
+            "num_inference_steps": request.steps,
+            "height": request.height,
+            "width": request.width,
+            self.batch_argument: request.batch_size,
+            "output_type": "latent",
+            **guidance,
+        }
+        per_step = 2 if cfg_on and not self.cfg_batched else 1
+        return PipelineCall(kwargs, notes + guidance_notes, transformer_calls_per_step=per_step)
 
     # --- latents and decoding -------------------------------------------------------------------
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         """The pipeline's `output_type="latent"` result -> ComfyUI LATENT samples in the VAE's own space."""
+        raise NotImplementedError
+
+    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked model-space latents (what the transformer denoises) -> VAE latent space."""
         raise NotImplementedError
 
     def latent_to_vae_input(self, pipeline, samples: torch.Tensor) -> torch.Tensor:
@@ -132,6 +163,17 @@ class ModelFamily:
     def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
         """How many denoising steps each denoiser runs."""
         return {"transformer": request.steps}
+
+
+def mean_std_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Wan-style VAEs (Qwen-Image, Wan): model latents -> VAE latents with the VAE's per-channel statistics,
+    written as their pipelines do (divide by 1/std) so the result is bit-identical."""
+    latents = latents.to(pipeline.vae.dtype)
+    config = pipeline.vae.config
+    shape = (1, config.z_dim) + (1,) * (latents.ndim - 2)
+    mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents / inv_std + mean
 
 
 def scaled_shifted_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:

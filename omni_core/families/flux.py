@@ -9,7 +9,7 @@ from ..source import ModelSource
 from ..block_hooks import BlockIO
 from ..cache.support import Coefficients, TeaCacheSupport
 from ..layouts import FLUX_BFL
-from .base import ModelFamily, PipelineCall, kl_size_multiple, scaled_shifted_latent
+from .base import ModelFamily, kl_size_multiple, scaled_shifted_latent
 
 
 def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
@@ -39,25 +39,14 @@ class FluxFamily(ModelFamily):
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
-        cfg_on = request.cfg > 1
+    def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         notes = []
-        if not cfg_on and request.negative_prompt:
-            notes.append("negative_prompt ignored: cfg <= 1 turns true CFG off for flux")
         if not pipeline.transformer.config.guidance_embeds and request.guidance != 3.5:
             notes.append("guidance ignored: this Flux model (schnell layout) has no guidance embedding")
-        kwargs = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt if cfg_on else None,
-            true_cfg_scale=request.cfg,
-            guidance_scale=request.guidance,
-            num_inference_steps=request.steps,
-            height=request.height,
-            width=request.width,
-            num_images_per_prompt=request.batch_size,
-            output_type="latent",
-        )
-        return PipelineCall(kwargs, notes, transformer_calls_per_step=2 if cfg_on else 1)
+        return {"true_cfg_scale": request.cfg, "guidance_scale": request.guidance}, notes
+
+    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+        return scaled_shifted_latent(pipeline, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)

@@ -13,7 +13,7 @@ from ..cache.support import Coefficients, TeaCacheSupport
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
-from .base import ModelFamily, PipelineCall
+from .base import ModelFamily, PipelineCall, mean_std_latent
 
 _TRUE_CFG = (
     "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
@@ -51,37 +51,16 @@ class QwenImageFamily(ModelFamily):
         vae_scale = 2 ** len(source.component_config("vae")["temperal_downsample"])
         return vae_scale * 2
 
-    def call_kwargs(self, request: GenerationRequest) -> dict:
-        return dict(
-            prompt=request.prompt,
-            # diffusers runs true CFG only when a negative prompt is given; an empty one is valid.
-            negative_prompt=request.negative_prompt if request.cfg > 1 else None,
-            true_cfg_scale=request.cfg,
-            num_inference_steps=request.steps,
-            height=request.height,
-            width=request.width,
-            num_images_per_prompt=request.batch_size,
-            output_type="latent",
-        )
+    def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
+        return {"true_cfg_scale": request.cfg}, []
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
-        cfg_on = request.cfg > 1
-        notes = []
-        if not cfg_on and request.negative_prompt:
-            notes.append(f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}")
-        return PipelineCall(self.call_kwargs(request), notes, transformer_calls_per_step=2 if cfg_on else 1)
+    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+        return mean_std_latent(pipeline, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        latents = latents.to(pipeline.vae.dtype)
-        config = pipeline.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
-        latents = latents / inv_std + mean
-        return latents[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D: (B, C, H/8, W/8)
+        return mean_std_latent(pipeline, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
 
     def latent_to_vae_input(self, pipeline, samples: torch.Tensor) -> torch.Tensor:
         return samples.unsqueeze(2)

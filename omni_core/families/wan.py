@@ -12,7 +12,7 @@ from ..source import ModelSource
 from ..block_hooks import BlockIO
 from ..cache.support import Coefficients, TeaCacheSupport
 from ..layouts import WAN_ORIGINAL
-from .base import ModelFamily, PipelineCall
+from .base import ModelFamily, mean_std_latent
 
 
 _WAN_1_3B = Coefficients(
@@ -41,6 +41,8 @@ class WanFamily(ModelFamily):
     )
     uses = frozenset({"num_frames", "cfg_2"})
     denoiser_attrs = ("transformer", "transformer_2")
+    batch_argument = "num_videos_per_prompt"
+    video = True
     single_file_layouts = (WAN_ORIGINAL,)
     teacache = TeaCacheSupport(
         signal=_wan_timestep_projection,
@@ -80,36 +82,22 @@ class WanFamily(ModelFamily):
         high = int((scheduler.timesteps >= boundary * scheduler.config.num_train_timesteps).sum())
         return {"transformer": high, "transformer_2": request.steps - high}
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
-        cfg_on = request.cfg > 1
+    def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         two_experts = pipeline.transformer_2 is not None and pipeline.config.boundary_ratio is not None
         notes = []
-        if not cfg_on and request.negative_prompt:
-            notes.append("negative_prompt ignored: cfg <= 1 turns CFG off for wan")
         if not two_experts and request.cfg_2 >= 0:
             notes.append("cfg_2 ignored: this is a single-transformer Wan model (2.1 layout)")
-        kwargs = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt if cfg_on else None,
-            guidance_scale=request.cfg,
-            guidance_scale_2=request.cfg_2 if two_experts and request.cfg_2 >= 0 else None,
-            num_inference_steps=request.steps,
-            height=request.height,
-            width=request.width,
-            num_frames=request.num_frames,
-            num_videos_per_prompt=request.batch_size,
-            output_type="latent",
-        )
-        return PipelineCall(kwargs, notes, transformer_calls_per_step=2 if cfg_on else 1)
+        return {
+            "guidance_scale": request.cfg,
+            "guidance_scale_2": request.cfg_2 if two_experts and request.cfg_2 >= 0 else None,
+            "num_frames": request.num_frames,
+        }, notes
+
+    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+        return mean_std_latent(pipeline, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        latents = output.to(pipeline.vae.dtype)
-        config = pipeline.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
-        return latents / inv_std + mean  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
+        return mean_std_latent(pipeline, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
 
     def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
         """(B, C, F, H, W) -> frames as an IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""

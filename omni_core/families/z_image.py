@@ -9,7 +9,7 @@ from ..source import ModelSource
 from ..block_hooks import BlockIO
 from ..cache.support import Coefficients, TeaCacheSupport
 from ..layouts import Z_IMAGE_ORIGINAL
-from .base import ModelFamily, PipelineCall, kl_size_multiple, scaled_shifted_latent
+from .base import ModelFamily, kl_size_multiple, scaled_shifted_latent
 
 
 def _z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
@@ -21,6 +21,7 @@ def _z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
 class ZImageFamily(ModelFamily):
     name = "z-image"
     pipeline_classes = ("ZImagePipeline",)
+    cfg_batched = True
     single_file_layouts = (Z_IMAGE_ORIGINAL,)
     block_count_keys = ("n_layers",)
     teacache = TeaCacheSupport(
@@ -39,22 +40,11 @@ class ZImageFamily(ModelFamily):
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)
 
-    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
-        cfg_on = request.cfg > 1
-        notes = []
-        if not cfg_on and request.negative_prompt:
-            notes.append("negative_prompt ignored: cfg <= 1 turns CFG off for z-image")
-        kwargs = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt if cfg_on else None,
-            guidance_scale=request.cfg - 1 if cfg_on else 0.0,
-            num_inference_steps=request.steps,
-            height=request.height,
-            width=request.width,
-            num_images_per_prompt=request.batch_size,
-            output_type="latent",
-        )
-        return PipelineCall(kwargs, notes, transformer_calls_per_step=1)
+    def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
+        return {"guidance_scale": request.cfg - 1 if request.cfg > 1 else 0.0}, []
+
+    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+        return scaled_shifted_latent(pipeline, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         return scaled_shifted_latent(pipeline, output.to(pipeline.vae.dtype))

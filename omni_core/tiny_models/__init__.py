@@ -37,6 +37,29 @@ MODELS: dict[str, Callable[[], object]] = {
 TEST_MODELS = tuple(name for name in MODELS if name.startswith("tiny-"))
 _STAMP = ".omni_tiny_model.json"
 
+# Trained models shipped in the repository (weights committed), linked into a models folder as they are.
+REFERENCE_MODEL = "omni-shapes-qwen-image"
+SHIPPED = {REFERENCE_MODEL: Path(__file__).resolve().parents[2] / "reference_model" / REFERENCE_MODEL}
+
+
+def reference_model_folder() -> Path:
+    """The quality-reference model (reference_model/train.py): a small Qwen-Image that draws what it is told."""
+    return SHIPPED[REFERENCE_MODEL]
+
+
+def link_shipped(name: str, diffusers_dir: str | Path) -> Path:
+    link = Path(diffusers_dir) / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.resolve() == SHIPPED[name]:
+            return link
+        if link.is_symlink():
+            link.unlink()
+        else:
+            shutil.rmtree(link)
+    link.symlink_to(SHIPPED[name], target_is_directory=True)
+    return link
+
 
 def build_model(name: str, diffusers_dir: str | Path, force: bool = False) -> Path:
     folder = Path(diffusers_dir) / name
@@ -55,7 +78,9 @@ def build_model(name: str, diffusers_dir: str | Path, force: bool = False) -> Pa
 
 
 def build_models(diffusers_dir: str | Path, names=TEST_MODELS, force: bool = False) -> list[Path]:
-    unknown = [n for n in names if n not in MODELS]
+    """Build the random-weight models named, and link the shipped trained ones, into `diffusers_dir`."""
+    unknown = [n for n in names if n not in MODELS and n not in SHIPPED]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
-    return [build_model(name, diffusers_dir, force) for name in names]
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(MODELS) + sorted(SHIPPED)}")
+    return [link_shipped(name, diffusers_dir) if name in SHIPPED else build_model(name, diffusers_dir, force)
+            for name in names]

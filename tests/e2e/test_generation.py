@@ -107,3 +107,14 @@ def test_two_samplers_sharing_one_loader_equal_separate_prompts(comfy):
     np.testing.assert_array_equal(png_to_array(comfy.output_files(entry, "4")[0]), separate["a"])
     np.testing.assert_array_equal(png_to_array(comfy.output_files(entry, "4b")[0]), separate["b"])
     assert not np.array_equal(separate["a"][:, :64], separate["b"][:, :64])
+
+
+def test_sampler_sends_a_preview_each_step(comfy):
+    from PIL import Image
+    import io
+
+    before = len(comfy.previews)
+    comfy.run(sampler_prompt(prompt=PROMPT, seed=81, steps=5, cfg=1.0, width=32, height=32))
+    sent = comfy.previews[before:]
+    assert len(sent) == 5
+    assert Image.open(io.BytesIO(sent[-1])).format == "JPEG"

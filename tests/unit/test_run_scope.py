@@ -78,8 +78,8 @@ def test_cancel_mid_run_restores_and_next_run_equals_fresh(setup):
 def test_progress_called_once_per_step(setup):
     store, pipe = setup
     seen = []
-    generate(pipe, REQUEST, store, on_step=lambda done, total, latents: seen.append((done, total, latents.shape)))
-    assert [s[:2] for s in seen] == [(i, 4) for i in range(1, 5)]
+    generate(pipe, REQUEST, store, on_step=lambda done, total, preview: seen.append((done, total, preview)))
+    assert seen == [(i, 4, None) for i in range(1, 5)], "no previews unless asked for"
 
 
 def test_two_accelerators_of_one_group_are_refused(setup):

@@ -1,0 +1,127 @@
+"""Rows of the benchmark: each makes the same images as the baseline with one acceleration method.
+
+A row is our recipe (TeaCache, Cache-DiT, ...) or one of diffusers' own caches applied to the same loaded
+model. Every row runs through omni_core.generate (the nodes' code path) so the block-pass probes and the
+report are the same for all, and rows are interleaved round by round so machine noise hits all alike.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from omni_core import DecodeOptions, GenerationRequest, ModelStore, OmniPipe, decode, generate
+
+
+@dataclass
+class Row:
+    name: str
+    method: str  # the group it is plotted with, e.g. "TeaCache"
+    recipe: Callable[[OmniPipe], OmniPipe] = lambda pipe: pipe
+    # A context that patches the loaded pipeline outside our recipe (diffusers' caches).
+    external: Callable[[object], contextlib.AbstractContextManager] | None = None
+    times: list[float] = field(default_factory=list)
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+    fraction: list[float] = field(default_factory=list)
+    peak_rss: list[int] = field(default_factory=list)
+    cuda_peak: list[int] = field(default_factory=list)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return np.clip(np.round(255.0 * image.numpy()), 0, 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    window = min(7, min(a.shape[:2]) // 2 * 2 - 1)
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=window))
+
+
+def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationRequest) -> tuple[float, np.ndarray, dict]:
+    loaded, _ = store.get(pipe.spec)
+    context = row.external(loaded.pipeline) if row.external else contextlib.nullcontext()
+    if loaded.spec.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with context:
+        result = generate(row.recipe(pipe), request, store)
+        image = decode(loaded.family, loaded.pipeline, result.latent, DecodeOptions(tiling=False))
+    if loaded.spec.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, to_uint8(image[0]), result.report.as_dict()
+
+
+def measure(rows: list[Row], pipe: OmniPipe, store: ModelStore, requests: list[GenerationRequest], rounds: int,
+            log: Callable[[str], None] = print) -> None:
+    """Interleaved: every round runs every row on every request once."""
+    for row in rows:  # warm-up: first-call allocations, lazy imports
+        run_once(row, pipe, store, requests[0])
+    for round_index in range(rounds):
+        for row in rows:
+            for i, request in enumerate(requests):
+                seconds, image, report = run_once(row, pipe, store, request)
+                row.times.append(seconds)
+                row.images[i] = image
+                row.fraction.append(report["block_passes"]["fraction_computed"])
+                row.peak_rss.append(report["memory"]["cpu_rss_peak_bytes"])
+                if "cuda_allocated_peak_bytes" in report["memory"]:
+                    row.cuda_peak.append(report["memory"]["cuda_allocated_peak_bytes"])
+        log(f"round {round_index + 1}/{rounds} done")
+
+
+def summarize(rows: list[Row], baseline: Row) -> list[dict]:
+    base_time = statistics.median(baseline.times)
+    out = []
+    for row in rows:
+        pairs = [(row.images[i], baseline.images[i]) for i in baseline.images]
+        out.append({
+            "name": row.name,
+            "method": row.method,
+            "median_s": statistics.median(row.times),
+            "speedup": base_time / statistics.median(row.times),
+            "fraction_computed": float(np.mean(row.fraction)),
+            "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])),
+            "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+            "peak_rss_mb": max(row.peak_rss) / 2**20,
+            "cuda_peak_mb": max(row.cuda_peak) / 2**20 if row.cuda_peak else None,
+        })
+    return out
+
+
+# --- diffusers' own caches on the same model -----------------------------------------------------------
+@contextlib.contextmanager
+def diffusers_cache(pipeline, config) -> Iterator[None]:
+    pipeline.transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        pipeline.transformer.disable_cache()
+
+
+def calibrate_magcache(pipe: OmniPipe, store: ModelStore, request: GenerationRequest) -> list[float]:
+    """diffusers prints MagCache's calibration ratios (and then clears them); read them from that output."""
+    from diffusers import MagCacheConfig
+
+    loaded, _ = store.get(pipe.spec)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), diffusers_cache(
+        loaded.pipeline, MagCacheConfig(calibrate=True, num_inference_steps=request.steps)
+    ):
+        generate(pipe, request, store)
+    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[") and line.endswith("]")]
+    if not lists:
+        raise RuntimeError("MagCache printed no calibration ratios")
+    return ast.literal_eval(lists[0])

@@ -1,0 +1,30 @@
+"""The benchmark command, in its reduced mode, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_result(tmp_path):
+    from bench.run import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    reference, mid = results["scenarios"]
+    names = [row["name"] for row in reference["rows"]]
+    assert names[0] == "baseline"
+    for expected in ("TeaCache 0.2", "TeaCache 0.2 (calibrated)", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
+                     "diffusers FirstBlockCache 0.1", "diffusers TaylorSeer interval 2", "diffusers MagCache 0.06"):
+        assert expected in names
+    baseline = reference["rows"][0]
+    assert baseline["psnr_db"] >= 99 and baseline["fraction_computed"] == 1.0 and baseline["speedup"] == 1.0
+    for row in reference["rows"]:
+        assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0 and -1 <= row["ssim"] <= 1
+    assert set(reference["prompt_accuracy"]) == set(names)
+    assert mid["rows"][0]["name"] == "baseline" and len(mid["rows"]) == 5
+    readme = (tmp_path / "README.md").read_text()
+    assert "Best speedup per method at matched quality" in readme and "| TeaCache 0.2 |" in readme
+    assert (tmp_path / "speed_vs_quality.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
