@@ -70,3 +70,10 @@ def qwen_reference(folder: Path, prompt: str, negative_prompt: str, seed: int, s
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def tiny_pipe(model_dirs: dict, model: str):
+    """An OMNI_PIPE with no accelerators for one of the test models, as Omni Loader would make it."""
+    from omni_core import LoadSpec, OmniPipe
+
+    return OmniPipe(LoadSpec.create(model_dirs[model], model))

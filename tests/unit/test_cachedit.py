@@ -10,6 +10,7 @@ from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, LoadSp
 from omni_core.cache.cachedit import CacheDiT, scm_mask
 from omni_core.cache.teacache import TeaCache
 from omni_core.probes import block_probe_target
+from tests.helpers import tiny_pipe
 
 FAMILY_MODELS = {
     "qwen-image": ("tiny-qwen-image", {}),
@@ -17,15 +18,6 @@ FAMILY_MODELS = {
     "flux": ("tiny-flux", {}),
     "wan22": ("tiny-wan22", dict(num_frames=5)),
 }
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
-
-
-def _pipe(model_dirs, model):
-    return OmniPipe(LoadSpec.create(model_dirs[model], model))
 
 
 def _request(**kwargs):
@@ -47,7 +39,7 @@ def test_settings_are_checked_with_named_inputs():
 
 
 def test_block_budget_and_scm_step_counts_are_refused_clearly(model_dirs):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     with pytest.raises(InvalidInput, match=r"Fn_compute_blocks \+ Bn_compute_blocks = 2, but 'tiny-qwen-image' has only 2 transformer blocks"):
         pipe.with_accelerator(CacheDiT(Fn_compute_blocks=1, Bn_compute_blocks=1))
     with pytest.raises(InvalidInput) as info:
@@ -58,7 +50,7 @@ def test_block_budget_and_scm_step_counts_are_refused_clearly(model_dirs):
 
 def test_stacking_with_teacache_is_refused(model_dirs):
     with pytest.raises(IncompatibleStack, match="Cache-DiT cannot be stacked on TeaCache"):
-        _pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache()).with_accelerator(CacheDiT())
+        tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache()).with_accelerator(CacheDiT())
 
 
 def _probed_run(store, pipe, request):
@@ -80,7 +72,7 @@ def _probed_run(store, pipe, request):
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
 def test_exact_at_zero_and_counts_match_probes(model_dirs, store, family):
     model, extra = FAMILY_MODELS[family]
-    pipe = _pipe(model_dirs, model)
+    pipe = tiny_pipe(model_dirs, model)
     plain = generate(pipe, _request(**extra), store).latent
     assert torch.equal(generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.0)), _request(**extra), store).latent, plain)
     config = CacheDiT(residual_diff_threshold=0.8)
@@ -96,7 +88,7 @@ def test_exact_at_zero_and_counts_match_probes(model_dirs, store, family):
 
 
 def test_steps_changing_between_runs_equal_fresh_runs(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
     first = generate(pipe, _request(steps=8), store)
     longer = generate(pipe, _request(steps=16), store)
     again = generate(pipe, _request(steps=8), store)
@@ -108,7 +100,7 @@ def test_steps_changing_between_runs_equal_fresh_runs(model_dirs, store):
 
 
 def test_wan22_experts_each_get_their_share_of_steps(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-wan22").with_accelerator(CacheDiT(residual_diff_threshold=0.8, max_warmup_steps=2))
+    pipe = tiny_pipe(model_dirs, "tiny-wan22").with_accelerator(CacheDiT(residual_diff_threshold=0.8, max_warmup_steps=2))
     result = generate(pipe, _request(num_frames=5), store)
     calls = result.report.counters["transformer_calls_by_denoiser"]
     experts = result.report.sections["cache_dit"]["denoisers"]
@@ -121,7 +113,7 @@ def test_wan22_experts_each_get_their_share_of_steps(model_dirs, store):
 
 
 def test_static_scm_caches_exactly_the_masked_steps(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     config = CacheDiT(residual_diff_threshold=0.0, scm_steps_mask_policy="fast", scm_steps_policy="static",
                       max_warmup_steps=0, max_continuous_cached_steps=-1)
     result = generate(pipe.with_accelerator(config), _request(), store)
@@ -133,7 +125,7 @@ def test_static_scm_caches_exactly_the_masked_steps(model_dirs, store):
 
 
 def test_taylorseer_forecasts_on_the_same_cached_steps(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     reuse = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(), store)
     forecast = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.8, enable_taylorseer=True, taylorseer_order=2)),
                         _request(), store)
@@ -151,7 +143,7 @@ def test_cache_dit_never_touches_pipeline_classes_or_other_models(model_dirs, st
     other = OmniPipe(LoadSpec.create(other_folder, "other-qwen"))
     call_before = diffusers.QwenImagePipeline.__call__
     other_fresh = generate(other, _request(), store).latent
-    cached = _pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
+    cached = tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(CacheDiT(residual_diff_threshold=0.8))
 
     def run_other_mid_way(done, total, latents):
         if done == 6:  # the other model runs while this one is cached
@@ -164,7 +156,7 @@ def test_cache_dit_never_touches_pipeline_classes_or_other_models(model_dirs, st
 
 
 def test_cancelled_cached_run_leaves_nothing_behind(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     loaded, _ = store.get(pipe.spec)
     forwards = [b.forward for b in loaded.family.transformer_blocks(loaded.pipeline.transformer)]
     fresh = generate(pipe, _request(), store).latent
@@ -186,7 +178,7 @@ def test_cancelled_cached_run_leaves_nothing_behind(model_dirs, store):
 def test_separate_cfg_follows_how_the_pipeline_calls_the_transformer(model_dirs, store, model, cfg, separate):
     """cache-dit would switch separate CFG on for Qwen-Image by itself and then treat every other call of a
     CFG-off run as a negative branch; it must be on exactly when there are two calls per step."""
-    result = generate(_pipe(model_dirs, model).with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(cfg=cfg), store)
+    result = generate(tiny_pipe(model_dirs, model).with_accelerator(CacheDiT(residual_diff_threshold=0.8)), _request(cfg=cfg), store)
     section = result.report.sections["cache_dit"]
     assert section["enable_separate_cfg"] is separate
     expert = section["denoisers"]["transformer"]
