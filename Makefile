@@ -19,6 +19,7 @@ serve: setup
 	@$(PY) tools/serve.py --port $(PORT) $(if $(MODELS_DIR),--models-dir "$(MODELS_DIR)")
 
 bench: setup
+	@$(PY) bench/run.py
 	@$(PY) bench/overhead.py
 
 clean:

@@ -99,7 +99,9 @@ def write_results(out: Path, scenarios: list[dict], command: str, machine: str, 
         lines += [f"## {scenario['name']}", "",
                   f"Model `{scenario['model']}`, {request['width']}x{request['height']}, {request['steps']} steps, "
                   f"cfg {request['cfg']}, {len(scenario['prompts'])} prompt(s) x {scenario['rounds']} interleaved round(s); "
-                  "speedup = median wall time of the baseline / the row's; PSNR/SSIM against the uncached images.", ""]
+                  "speedup = median wall time of the baseline / the row's; PSNR/SSIM against the uncached images; "
+                  "block passes computed = calls of each block's attention query projection, so a row that "
+                  "predicts attention but still runs the MLPs (diffusers TaylorSeer) counts only the attention it really computed.", ""]
         if index == 0:
             lines += [f"### Best speedup per method at matched quality (PSNR >= {QUALITY_BAR_DB:g} dB)", "",
                       *best_at_quality(scenario["rows"]), ""]

@@ -54,14 +54,22 @@ def timing_calls(module: torch.nn.Module) -> Iterator[CallTimer]:
             handle.remove()
 
 
-def block_probe_target(block: torch.nn.Module) -> torch.nn.Module:
-    """The module whose call proves a block really computed.
-
-    Cache hooks may replace a block's forward while hooks on the block itself still fire, so count
-    a submodule the block only reaches when it computes (its attention).
-    """
+def block_attention(block: torch.nn.Module) -> torch.nn.Module:
+    """The block's (first) attention module, or the block itself when it has none by a known name."""
     for name in ("attn", "attention", "attn1", "self_attn"):
         child = getattr(block, name, None)
         if isinstance(child, torch.nn.Module):
             return child
     return block
+
+
+def block_probe_target(block: torch.nn.Module) -> torch.nn.Module:
+    """The module whose call proves a block really computed.
+
+    Cache hooks may replace a block's forward while hooks on the block itself still fire, and some
+    (diffusers' TaylorSeer) replace only the attention module's forward, so count the attention's query
+    projection, which runs only when attention is really computed.
+    """
+    attention = block_attention(block)
+    query = getattr(attention, "to_q", None)
+    return query if isinstance(query, torch.nn.Module) else attention

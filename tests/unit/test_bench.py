@@ -13,7 +13,7 @@ def test_quick_benchmark_writes_every_result(tmp_path):
 
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    reference, mid = results["scenarios"]
+    reference, short, mid = results["scenarios"]
     names = [row["name"] for row in reference["rows"]]
     assert names[0] == "baseline"
     for expected in ("TeaCache 0.2", "TeaCache 0.2 (calibrated)", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
@@ -24,6 +24,9 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     for row in reference["rows"]:
         assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0 and -1 <= row["ssim"] <= 1
     assert set(reference["prompt_accuracy"]) == set(names)
+    assert [row["name"] for row in short["rows"]] == ["baseline", "TeaCache 0.2", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
+                                                      "Cache-DiT + SCM fast", "Cache-DiT + TaylorSeer + SCM fast"]
+    assert short["request"]["steps"] == 6
     assert mid["rows"][0]["name"] == "baseline" and len(mid["rows"]) == 5
     readme = (tmp_path / "README.md").read_text()
     assert "Best speedup per method at matched quality" in readme and "| TeaCache 0.2 |" in readme

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, LoadSpec, ModelStore, OmniPipe, generate
+from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, generate
 from omni_core.block_hooks import bound_arguments
 from omni_core.cache.calibrate import calibrate, fit_coefficients
 from omni_core.cache.teacache import TeaCache, parse_coefficients, relative_l1, rescale
-from omni_core.probes import block_probe_target
+from omni_core.probes import block_attention, block_probe_target
+from tests.helpers import tiny_pipe
 
 FAMILY_MODELS = {
     "qwen-image": ("tiny-qwen-image", dict(width=32, height=32)),
@@ -20,15 +21,6 @@ FAMILY_MODELS = {
     "flux": ("tiny-flux", dict(width=32, height=32)),
     "wan": ("tiny-wan22", dict(width=32, height=32, num_frames=5)),
 }
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
-
-
-def _pipe(model_dirs, model):
-    return OmniPipe(LoadSpec.create(model_dirs[model], model))
 
 
 def _request(**kwargs):
@@ -66,7 +58,7 @@ def test_rescale_and_relative_change():
 def _first_inputs(pipeline, family, run_once):
     transformer = pipeline.transformer
     block = family.transformer_blocks(transformer)[0]
-    attention = block_probe_target(block)
+    attention = block_attention(block)
     seen = {}
 
     def on_block(module, args, kwargs):
@@ -91,7 +83,7 @@ def _first_inputs(pipeline, family, run_once):
 def test_signal_is_what_the_first_block_really_computes(model_dirs, store, family_name):
     """Pins each family's extractor to a real forward, so an upstream change to the blocks shows here."""
     model, size = FAMILY_MODELS[family_name]
-    pipe = _pipe(model_dirs, model)
+    pipe = tiny_pipe(model_dirs, model)
     loaded, _ = store.get(pipe.spec)
     block, arguments, attention_input = _first_inputs(
         loaded.pipeline, loaded.family, lambda: generate(pipe, _request(steps=2, cfg=1.0, **size), store))
@@ -108,7 +100,7 @@ def test_signal_is_what_the_first_block_really_computes(model_dirs, store, famil
 @pytest.mark.parametrize("family_name", list(FAMILY_MODELS))
 def test_zero_threshold_changes_nothing(model_dirs, store, family_name):
     model, size = FAMILY_MODELS[family_name]
-    pipe = _pipe(model_dirs, model)
+    pipe = tiny_pipe(model_dirs, model)
     plain = generate(pipe, _request(**size), store).latent
     cached = generate(pipe.with_accelerator(TeaCache(rel_l1_thresh=0.0)), _request(**size), store)
     assert torch.equal(plain, cached.latent)
@@ -118,7 +110,7 @@ def test_zero_threshold_changes_nothing(model_dirs, store, family_name):
 @pytest.mark.parametrize("family_name", list(FAMILY_MODELS))
 def test_skips_counted_by_an_independent_probe(model_dirs, store, family_name):
     model, size = FAMILY_MODELS[family_name]
-    pipe = _pipe(model_dirs, model)
+    pipe = tiny_pipe(model_dirs, model)
     loaded, _ = store.get(pipe.spec)
     blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
     counts = {"attention": 0}
@@ -159,7 +151,7 @@ def _reference_decisions(rel_l1, coefficients, threshold, window, bound=-1):
 
 def test_batched_branches_decide_as_they_would_alone(model_dirs, store):
     """Z-Image runs cond and uncond as rows of one call; each row keeps its own accumulator."""
-    pipe = _pipe(model_dirs, "tiny-z-image")
+    pipe = tiny_pipe(model_dirs, "tiny-z-image")
     coefficients = (0.0, 0.0, 0.0, 1.0, 0.0)  # raw relative change, so thresholds are easy to place
     disagreements = 0
     for threshold in np.linspace(0.15, 0.6, 31):
@@ -183,7 +175,7 @@ def test_batched_branches_decide_as_they_would_alone(model_dirs, store):
 def test_skipped_calls_reuse_their_own_branchs_residual(model_dirs, store):
     """Separate-call CFG (Qwen-Image): probes on the stack's ends see each skipped call add the residual its
     own branch computed last, never the other branch's."""
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     loaded, _ = store.get(pipe.spec)
     blocks = loaded.family.transformer_blocks(loaded.pipeline.transformer)
     calls = []
@@ -212,7 +204,7 @@ def test_skipped_calls_reuse_their_own_branchs_residual(model_dirs, store):
 
 
 def test_window_and_consecutive_bound(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     result = generate(pipe.with_accelerator(TeaCache(rel_l1_thresh=5.0, start_percent=0.25, end_percent=0.75,
                                                      max_consecutive_skips=2)), _request(steps=12, cfg=1.0, width=32, height=32), store)
     pattern = result.report.sections["tea_cache"]["branches"]["cond"]["pattern"]
@@ -221,14 +213,14 @@ def test_window_and_consecutive_bound(model_dirs, store):
 
 
 def test_a_run_that_skips_nothing_says_so(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     result = generate(pipe.with_accelerator(TeaCache(rel_l1_thresh=1e-6)), _request(cfg=1.0, width=32, height=32), store)
     assert any(n.startswith("TeaCache skipped nothing at rel_l1_thresh=1e-06") for n in result.report.notes)
     assert any(n.startswith("TeaCache: computed 8/8 transformer calls") for n in result.report.notes)
 
 
 def test_cancelled_cached_run_leaves_nothing_behind(model_dirs, store):
-    pipe = _pipe(model_dirs, "tiny-qwen-image")
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     loaded, _ = store.get(pipe.spec)
     blocks = loaded.family.transformer_blocks(loaded.pipeline.transformer)
     before = [(hasattr(b, "_diffusers_hook"), b.forward) for b in blocks]
@@ -245,7 +237,7 @@ def test_cancelled_cached_run_leaves_nothing_behind(model_dirs, store):
 
 
 def test_stacking_two_caches_is_refused(model_dirs):
-    pipe = _pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache())
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache())
     with pytest.raises(IncompatibleStack, match="only one cache accelerator per stack"):
         pipe.with_accelerator(TeaCache(rel_l1_thresh=0.4))
 
