@@ -36,6 +36,14 @@ class GenerationRequest:
             given["images"] = self.images
         return given
 
+    def describe(self, uses: frozenset[str]) -> dict[str, object]:
+        """The request for the report: the common inputs, and the family inputs only where the family uses them."""
+        skipped = {"prompt", "negative_prompt", "images"} | ({"num_frames", "guidance", "cfg_2"} - uses)
+        described = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        if "images" in uses:
+            described["input_images"] = len(self.images)
+        return described
+
     def check(self) -> None:
         """Checks that hold for every family; family-specific ones live in the family module."""
         if self.steps < 1:

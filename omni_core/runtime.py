@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -75,10 +75,7 @@ def generate(
         pipeline=spec.source.pipeline_class_name,
         dtype=spec.dtype,
         device=spec.device,
-        request={
-            **{f.name: getattr(request, f.name) for f in fields(request) if f.name not in ("prompt", "negative_prompt", "images")},
-            "input_images": len(request.images),
-        },
+        request=request.describe(family.uses),
         cfg_meaning=family.cfg_meaning,
         recipe=pipe.describe(),
     )
