@@ -245,6 +245,16 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
+    def interrupt_at_step(self, prompt_id: str, step: int, timeout: float = 120) -> dict:
+        """Press Cancel once the prompt has reported `step` progress updates; returns its history entry."""
+        with self._events:
+            reached = self._events.wait_for(
+                lambda: any(value >= step for value in self._progress.get(prompt_id, [])), timeout=timeout)
+        if not reached:
+            raise TimeoutError(f"prompt {prompt_id} did not reach step {step} in {timeout} s:\n{self.log_tail()}")
+        self.interrupt()
+        return self.wait(prompt_id, timeout=timeout)
+
     def free(self, unload_models: bool = True, free_memory: bool = False) -> None:
         """POST /free, then wait until the worker has acted on it.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -83,12 +82,7 @@ def test_corrupt_safetensors_names_the_file(comfy, model_dirs):
 def test_cancel_mid_run_then_next_run_equals_fresh(comfy, model_dirs):
     steps = 3000  # long enough (~10+ s) to be caught in the middle
     prompt_id = comfy.queue(sampler_prompt(**dict(GOOD, steps=steps, cfg=1.0, seed=99)))
-    deadline = time.monotonic() + 120
-    while not any(v >= 5 for v in comfy.progress(prompt_id)):
-        assert time.monotonic() < deadline, "no progress events seen"
-        time.sleep(0.02)
-    comfy.interrupt()
-    entry = comfy.wait(prompt_id, timeout=120)
+    entry = comfy.interrupt_at_step(prompt_id, 5)
     seen = comfy.progress(prompt_id)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds
