@@ -10,10 +10,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +36,17 @@ class Row:
     fraction: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
     cuda_peak: list[int] = field(default_factory=list)
+
+
+def machine() -> str:
+    """The CPU (and GPU) the numbers were measured on, for the results files."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

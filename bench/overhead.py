@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import machine  # noqa: E402
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate  # noqa: E402
 from omni_core.tiny_models import build_models  # noqa: E402
 from tools.comfy_harness import ComfyServer  # noqa: E402
@@ -32,19 +32,7 @@ from tools.comfy_harness import ComfyServer  # noqa: E402
 PROMPT = "a red circle at the top left on a blue background"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mid-qwen-image")
     parser.add_argument("--size", type=int, default=256)
@@ -52,7 +40,7 @@ def main() -> int:
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     models = ROOT / ".build" / "bench-models"
     [folder] = build_models(models / "diffusers", [args.model])
@@ -126,4 +114,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -11,19 +11,16 @@ grid.png (the reference model's images for one prompt, one per row).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Row, calibrate_magcache, diffusers_cache, measure, summarize  # noqa: E402
+from bench.harness import Row, calibrate_magcache, diffusers_cache, machine, measure, summarize  # noqa: E402
 from omni_core import GenerationRequest, LoadSpec, ModelStore, OmniPipe  # noqa: E402
 from omni_core.cache.cachedit import CacheDiT  # noqa: E402
 from omni_core.cache.teacache import TeaCache  # noqa: E402
@@ -32,16 +29,6 @@ from omni_core.tiny_models import build_models, reference_model_folder  # noqa: 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
 
 
 def cache_rows(steps: int, thresholds, calibrated: tuple[float, ...] | None = None) -> list[Row]:

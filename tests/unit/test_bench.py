@@ -31,3 +31,17 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "Best speedup per method at matched quality" in readme and "| TeaCache 0.2 |" in readme
     assert (tmp_path / "speed_vs_quality.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_times_all_three_paths(tmp_path):
+    from bench.overhead import main
+
+    out = tmp_path / "overhead.md"
+    assert main(["--model", "tiny-qwen-image", "--size", "32", "--steps", "2", "--reps", "2", "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [cells[0].strip() for cells in rows] == ["diffusers", "omni_core", "comfyui"]
+    for cells in rows:
+        median, low, high, ratio = (float(cell) for cell in cells[1:])
+        assert 0 < low <= median <= high and ratio > 0
+    assert float(rows[0][4]) == 1.0
