@@ -8,7 +8,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from .preview import Previewer, fit_rgb_map
 from .probes import block_probe_target, counting_calls, timing_calls

@@ -1,7 +1,5 @@
 """Single-file layouts: the writers used for test files invert the loader's converters exactly."""
 
-import json
-
 import pytest
 import torch
 from accelerate import init_empty_weights
