@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import json
 from functools import lru_cache
@@ -77,3 +77,32 @@ def tiny_pipe(model_dirs: dict, model: str):
     from omni_core import LoadSpec, OmniPipe
 
     return OmniPipe(LoadSpec.create(model_dirs[model], model))
+
+
+def run_images_and_report(comfy, prompt: dict, save: str = "4", report: str = "5") -> tuple[np.ndarray, dict]:
+    """Runs an API prompt; returns the images its save node wrote (N, H, W, 3 uint8) and the Sampler's report."""
+    from tools.comfy_harness import node_text_output
+
+    entry = comfy.run(prompt)
+    images = np.stack([png_to_array(png) for png in comfy.output_files(entry, save)])
+    return images, json.loads(node_text_output(entry, report)[0])
+
+
+@contextlib.contextmanager
+def counting_block_passes(store, pipe):
+    """Counts, independently of the run report, how many transformer blocks really compute (all denoisers)."""
+    from omni_core.probes import block_probe_target
+
+    loaded, _ = store.get(pipe.spec)
+    blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
+    counter = {"passes": 0}
+
+    def count(module, args):
+        counter["passes"] += 1
+
+    handles = [block_probe_target(block).register_forward_pre_hook(count) for block in blocks]
+    try:
+        yield counter
+    finally:
+        for handle in handles:
+            handle.remove()

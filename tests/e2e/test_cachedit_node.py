@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
 from tests.e2e.test_teacache_node import TEACACHE_DEFAULTS
-from tests.helpers import comfy_uint8, png_to_array, qwen_reference, sampler_prompt
-from tools.comfy_harness import ExecutionFailed, node_text_output
+from tests.helpers import comfy_uint8, png_to_array, qwen_reference, run_images_and_report, sampler_prompt
+from tools.comfy_harness import ExecutionFailed
 
 CACHE_DIT_DEFAULTS = dict(
     Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=4, residual_diff_threshold=0.24,
@@ -32,20 +31,14 @@ def with_cache_dit(prompt: dict, upstream: str = "1", node_id: str = "cd", sampl
     return prompt
 
 
-def _run(comfy, prompt, save="4", report="5"):
-    entry = comfy.run(prompt)
-    images = np.stack([png_to_array(p) for p in comfy.output_files(entry, save)])
-    return images, json.loads(node_text_output(entry, report)[0])
-
-
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_every_family_caches_and_is_exact_at_zero(comfy, model):
     inputs = dict(prompt="a red circle", negative_prompt="blurry", seed=71, steps=12, cfg=4.0, **FAMILIES[model])
-    plain, _ = _run(comfy, sampler_prompt(model=model, **inputs))
-    exact, report = _run(comfy, with_cache_dit(sampler_prompt(model=model, **inputs), residual_diff_threshold=0.0))
+    plain, _ = run_images_and_report(comfy, sampler_prompt(model=model, **inputs))
+    exact, report = run_images_and_report(comfy, with_cache_dit(sampler_prompt(model=model, **inputs), residual_diff_threshold=0.0))
     np.testing.assert_array_equal(exact, plain)
     assert report["cache_dit"]["calls_cached"] == 0
-    cached, report = _run(comfy, with_cache_dit(sampler_prompt(model=model, **inputs), residual_diff_threshold=0.8))
+    cached, report = run_images_and_report(comfy, with_cache_dit(sampler_prompt(model=model, **inputs), residual_diff_threshold=0.8))
     section, counters = report["cache_dit"], report
     blocks = counters["block_passes"]["possible"] // counters["transformer_calls"]
     assert 0 < section["calls_cached"] < counters["transformer_calls"]
@@ -77,8 +70,8 @@ def test_two_loaders_only_one_cached(comfy, model_dirs):
 
 def test_bypass_and_cancel_leave_no_trace(comfy, model_dirs):
     settings = dict(prompt="a pink heart", negative_prompt="", seed=73, steps=8, cfg=4.0, width=32, height=32)
-    _run(comfy, with_cache_dit(sampler_prompt(**settings), residual_diff_threshold=0.8))
-    plain, report = _run(comfy, sampler_prompt(**settings))  # the node removed (what a bypass sends)
+    run_images_and_report(comfy, with_cache_dit(sampler_prompt(**settings), residual_diff_threshold=0.8))
+    plain, report = run_images_and_report(comfy, sampler_prompt(**settings))  # the node removed (what a bypass sends)
     assert "cache_dit" not in report
     expected = comfy_uint8(qwen_reference(model_dirs["tiny-qwen-image"], settings["prompt"], "", 73, 8, 4.0, 32, 32)[0])
     np.testing.assert_array_equal(plain[0], expected)
@@ -88,7 +81,7 @@ def test_bypass_and_cancel_leave_no_trace(comfy, model_dirs):
     entry = comfy.interrupt_at_step(prompt_id, 10)
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     settings["seed"] = 75
-    plain, _ = _run(comfy, sampler_prompt(**settings))
+    plain, _ = run_images_and_report(comfy, sampler_prompt(**settings))
     expected = comfy_uint8(qwen_reference(model_dirs["tiny-qwen-image"], settings["prompt"], "", 75, 8, 4.0, 32, 32)[0])
     np.testing.assert_array_equal(plain[0], expected)
 

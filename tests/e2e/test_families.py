@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, comfy_uint8, png_to_array, reference_pipeline, sampler_prompt
+from tests.helpers import ROOT, comfy_uint8, png_to_array, reference_pipeline, run_images_and_report, sampler_prompt
 from tools.comfy_harness import ExecutionFailed, node_text_output
 
 PROMPT = "a red circle at the top left on a blue background"
@@ -40,9 +40,7 @@ CASES = {
 
 
 def _run(comfy, model, **inputs):
-    entry = comfy.run(sampler_prompt(model=model, decode={"tiling": False}, **inputs))
-    frames = np.stack([png_to_array(p) for p in comfy.output_files(entry, "4")])
-    return frames, json.loads(node_text_output(entry, "5")[0])
+    return run_images_and_report(comfy, sampler_prompt(model=model, decode={"tiling": False}, **inputs))
 
 
 @pytest.mark.parametrize("family", list(CASES))

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import comfy_uint8, png_to_array, qwen_reference, sampler_prompt
-from tools.comfy_harness import ExecutionFailed, PromptRejected, node_text_output
+from tests.helpers import comfy_uint8, qwen_reference, run_images_and_report, sampler_prompt
+from tools.comfy_harness import ExecutionFailed, PromptRejected
 
 FAMILIES = {  # model -> Sampler inputs
     "tiny-qwen-image": dict(width=32, height=32),
@@ -26,17 +26,11 @@ def with_teacache(prompt: dict, node_id: str = "tc", **settings) -> dict:
     return prompt
 
 
-def _run(comfy, prompt):
-    entry = comfy.run(prompt)
-    images = np.stack([png_to_array(p) for p in comfy.output_files(entry, "4")])
-    return images, json.loads(node_text_output(entry, "5")[0])
-
-
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_zero_threshold_is_identical_to_no_teacache(comfy, model):
     inputs = dict(prompt="a red circle", negative_prompt="blurry", seed=61, steps=6, cfg=4.0, **FAMILIES[model])
-    plain, _ = _run(comfy, sampler_prompt(model=model, **inputs))
-    cached, report = _run(comfy, with_teacache(sampler_prompt(model=model, **inputs), rel_l1_thresh=0.0))
+    plain, _ = run_images_and_report(comfy, sampler_prompt(model=model, **inputs))
+    cached, report = run_images_and_report(comfy, with_teacache(sampler_prompt(model=model, **inputs), rel_l1_thresh=0.0))
     np.testing.assert_array_equal(cached, plain)
     assert report["tea_cache"]["calls_skipped"] == 0 and report["recipe"][0]["kind"] == "tea_cache"
 
@@ -44,7 +38,7 @@ def test_zero_threshold_is_identical_to_no_teacache(comfy, model):
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_skipping_is_reported_and_matches_the_block_probes(comfy, model):
     inputs = dict(prompt="a red circle", negative_prompt="blurry", seed=62, steps=10, cfg=4.0, **FAMILIES[model])
-    _, report = _run(comfy, with_teacache(sampler_prompt(model=model, **inputs), rel_l1_thresh=0.6))
+    _, report = run_images_and_report(comfy, with_teacache(sampler_prompt(model=model, **inputs), rel_l1_thresh=0.6))
     section = report["tea_cache"]
     calls = report["transformer_calls"]
     blocks_per_call = report["block_passes"]["possible"] // calls
@@ -61,9 +55,9 @@ def test_skipping_is_reported_and_matches_the_block_probes(comfy, model):
 
 def test_removing_the_node_after_a_cached_run_leaves_no_trace(comfy, model_dirs):
     inputs = dict(prompt="a yellow star", negative_prompt="", seed=63, steps=6, cfg=4.0, width=32, height=32)
-    cached, report = _run(comfy, with_teacache(sampler_prompt(**inputs), rel_l1_thresh=0.8))
+    cached, report = run_images_and_report(comfy, with_teacache(sampler_prompt(**inputs), rel_l1_thresh=0.8))
     assert report["tea_cache"]["calls_skipped"] > 0
-    plain, report = _run(comfy, sampler_prompt(**inputs))
+    plain, report = run_images_and_report(comfy, sampler_prompt(**inputs))
     assert "tea_cache" not in report and report["recipe"] == []
     expected = qwen_reference(model_dirs["tiny-qwen-image"], inputs["prompt"], "", 63, 6, 4.0, 32, 32)
     np.testing.assert_array_equal(plain[0], comfy_uint8(expected[0]))
@@ -76,7 +70,7 @@ def test_cancel_during_a_cached_run_then_a_plain_run_equals_fresh(comfy, model_d
     entry = comfy.interrupt_at_step(prompt_id, 5)
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     inputs = dict(prompt="a blue square", negative_prompt="", seed=65, steps=5, cfg=4.0, width=32, height=32)
-    plain, _ = _run(comfy, sampler_prompt(**inputs))
+    plain, _ = run_images_and_report(comfy, sampler_prompt(**inputs))
     expected = qwen_reference(model_dirs["tiny-qwen-image"], inputs["prompt"], "", 65, 5, 4.0, 32, 32)
     np.testing.assert_array_equal(plain[0], comfy_uint8(expected[0]))
 

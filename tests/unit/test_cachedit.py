@@ -9,8 +9,7 @@ import torch
 from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, LoadSpec, ModelStore, OmniPipe, generate
 from omni_core.cache.cachedit import CacheDiT, scm_mask
 from omni_core.cache.teacache import TeaCache
-from omni_core.probes import block_probe_target
-from tests.helpers import tiny_pipe
+from tests.helpers import counting_block_passes, tiny_pipe
 
 FAMILY_MODELS = {
     "qwen-image": ("tiny-qwen-image", {}),
@@ -53,22 +52,6 @@ def test_stacking_with_teacache_is_refused(model_dirs):
         tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(TeaCache()).with_accelerator(CacheDiT())
 
 
-def _probed_run(store, pipe, request):
-    loaded, _ = store.get(pipe.spec)
-    blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
-    count = {"n": 0}
-
-    def hook(module, args):
-        count["n"] += 1
-
-    handles = [block_probe_target(b).register_forward_pre_hook(hook) for b in blocks]
-    try:
-        return generate(pipe, request, store), count["n"]
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("family", list(FAMILY_MODELS))
 def test_exact_at_zero_and_counts_match_probes(model_dirs, store, family):
     model, extra = FAMILY_MODELS[family]
@@ -76,13 +59,14 @@ def test_exact_at_zero_and_counts_match_probes(model_dirs, store, family):
     plain = generate(pipe, _request(**extra), store).latent
     assert torch.equal(generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=0.0)), _request(**extra), store).latent, plain)
     config = CacheDiT(residual_diff_threshold=0.8)
-    result, probed = _probed_run(store, pipe.with_accelerator(config), _request(**extra))
+    with counting_block_passes(store, pipe) as probe:
+        result = generate(pipe.with_accelerator(config), _request(**extra), store)
     section = result.report.sections["cache_dit"]
     counters = result.report.counters
     blocks = counters["block_passes"]["possible"] // counters["transformer_calls"]
     middle = blocks - config.Fn_compute_blocks - config.Bn_compute_blocks
     assert 0 < section["calls_cached"] < counters["transformer_calls"]
-    assert probed == counters["block_passes"]["computed"] == counters["block_passes"]["possible"] - section["calls_cached"] * middle
+    assert probe["passes"] == counters["block_passes"]["computed"] == counters["block_passes"]["possible"] - section["calls_cached"] * middle
     assert not torch.equal(result.latent, plain)
     assert torch.equal(generate(pipe, _request(**extra), store).latent, plain), "nothing left behind"
 

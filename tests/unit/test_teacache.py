@@ -12,8 +12,8 @@ from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, genera
 from omni_core.block_hooks import bound_arguments
 from omni_core.cache.calibrate import calibrate, fit_coefficients
 from omni_core.cache.teacache import TeaCache, parse_coefficients, relative_l1, rescale
-from omni_core.probes import block_attention, block_probe_target
-from tests.helpers import tiny_pipe
+from omni_core.probes import block_attention
+from tests.helpers import counting_block_passes, tiny_pipe
 
 FAMILY_MODELS = {
     "qwen-image": ("tiny-qwen-image", dict(width=32, height=32)),
@@ -111,24 +111,15 @@ def test_zero_threshold_changes_nothing(model_dirs, store, family_name):
 def test_skips_counted_by_an_independent_probe(model_dirs, store, family_name):
     model, size = FAMILY_MODELS[family_name]
     pipe = tiny_pipe(model_dirs, model)
-    loaded, _ = store.get(pipe.spec)
-    blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
-    counts = {"attention": 0}
-
-    def count(module, args):
-        counts["attention"] += 1
-
-    handles = [block_probe_target(b).register_forward_pre_hook(count) for b in blocks]
-    try:
+    with counting_block_passes(store, pipe) as probe:
         result = generate(pipe.with_accelerator(TeaCache(rel_l1_thresh=0.5)), _request(steps=10, **size), store)
-    finally:
-        for handle in handles:
-            handle.remove()
+    loaded, _ = store.get(pipe.spec)
+    denoisers = loaded.family.denoisers(loaded.pipeline).values()
     section = result.report.sections["tea_cache"]
-    per_denoiser = len(blocks) // len(loaded.family.denoisers(loaded.pipeline))
+    per_denoiser = sum(len(loaded.family.transformer_blocks(d)) for d in denoisers) // len(denoisers)
     calls = result.report.counters["transformer_calls"]
     assert section["calls_computed"] + section["calls_skipped"] == calls
-    assert counts["attention"] == section["calls_computed"] * per_denoiser == result.report.counters["block_passes"]["computed"]
+    assert probe["passes"] == section["calls_computed"] * per_denoiser == result.report.counters["block_passes"]["computed"]
     assert 0 < section["calls_computed"] < calls, "a real mix of computed and skipped calls"
 
 
