@@ -72,6 +72,13 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
+def with_pipe_node(prompt: dict, class_type: str, node_id: str, inputs: dict, upstream: str = "1", sampler: str = "2") -> dict:
+    """Inserts a pipe -> pipe node (an acceleration node) between `upstream` and the Sampler."""
+    prompt[node_id] = {"class_type": class_type, "inputs": {"pipe": [upstream, 0], **inputs}}
+    prompt[sampler]["inputs"]["pipe"] = [node_id, 0]
+    return prompt
+
+
 def tiny_pipe(model_dirs: dict, model: str):
     """An OMNI_PIPE with no accelerators for one of the test models, as Omni Loader would make it."""
     from omni_core import LoadSpec, OmniPipe

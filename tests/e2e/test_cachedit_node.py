@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.test_teacache_node import TEACACHE_DEFAULTS
-from tests.helpers import comfy_uint8, png_to_array, qwen_reference, run_images_and_report, sampler_prompt
+from tests.helpers import comfy_uint8, png_to_array, qwen_reference, run_images_and_report, sampler_prompt, with_pipe_node
 from tools.comfy_harness import ExecutionFailed
 
 CACHE_DIT_DEFAULTS = dict(
@@ -26,9 +26,7 @@ FAMILIES = {
 
 
 def with_cache_dit(prompt: dict, upstream: str = "1", node_id: str = "cd", sampler: str = "2", **settings) -> dict:
-    prompt[node_id] = {"class_type": "OmniCacheDiT", "inputs": {"pipe": [upstream, 0], **CACHE_DIT_DEFAULTS, **settings}}
-    prompt[sampler]["inputs"]["pipe"] = [node_id, 0]
-    return prompt
+    return with_pipe_node(prompt, "OmniCacheDiT", node_id, {**CACHE_DIT_DEFAULTS, **settings}, upstream, sampler)
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import comfy_uint8, qwen_reference, run_images_and_report, sampler_prompt
+from tests.helpers import comfy_uint8, qwen_reference, run_images_and_report, sampler_prompt, with_pipe_node
 from tools.comfy_harness import ExecutionFailed, PromptRejected
 
 FAMILIES = {  # model -> Sampler inputs
@@ -20,10 +20,8 @@ TEACACHE_DEFAULTS = dict(rel_l1_thresh=0.2, start_percent=0.0, end_percent=1.0, 
 
 
 def with_teacache(prompt: dict, node_id: str = "tc", **settings) -> dict:
-    """Insert a TeaCache node between the Loader and everything that used the Loader's pipe."""
-    prompt[node_id] = {"class_type": "OmniTeaCache", "inputs": {"pipe": ["1", 0], **TEACACHE_DEFAULTS, **settings}}
-    prompt["2"]["inputs"]["pipe"] = [node_id, 0]
-    return prompt
+    """Insert a TeaCache node between the Loader and the Sampler."""
+    return with_pipe_node(prompt, "OmniTeaCache", node_id, {**TEACACHE_DEFAULTS, **settings})
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
