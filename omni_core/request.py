@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -28,17 +29,20 @@ class GenerationRequest:
     guidance: float = 3.5
     cfg_2: float = -1.0  # Wan 2.2 low-noise expert; negative = same as cfg
 
+    # The family inputs that are plain values (images are counted, not listed).
+    VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2")
+
     def given_family_inputs(self) -> dict[str, object]:
         """The family-specific inputs set away from their defaults (images: when any are given)."""
         defaults = {f.name: f.default for f in fields(self)}
-        given = {name: getattr(self, name) for name in ("num_frames", "guidance", "cfg_2") if getattr(self, name) != defaults[name]}
+        given = {name: getattr(self, name) for name in self.VALUE_FAMILY_INPUTS if getattr(self, name) != defaults[name]}
         if self.images:
             given["images"] = self.images
         return given
 
     def describe(self, uses: frozenset[str]) -> dict[str, object]:
         """The request for the report: the common inputs, and the family inputs only where the family uses them."""
-        skipped = {"prompt", "negative_prompt", "images"} | ({"num_frames", "guidance", "cfg_2"} - uses)
+        skipped = {"prompt", "negative_prompt", "images"} | (set(self.VALUE_FAMILY_INPUTS) - uses)
         described = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if "images" in uses:
             described["input_images"] = len(self.images)
