@@ -1,5 +1,7 @@
-"""Omni Accel: ComfyUI entry point. Registers the nodes and nothing else."""
+"""Omni Accel: ComfyUI entry point. Registers the nodes (V3 extension) and the editor script, nothing else."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
 from omni_core import LoadSpec, ModelStore
-from omni_core.tiny_models.qwen_image import qwen_scheduler, qwen_text_encoder
-from omni_core.tiny_models.tokenizer import build_qwen_tokenizer
+from tools.tiny_models.qwen_image import qwen_scheduler, qwen_text_encoder
+from tools.tiny_models.tokenizer import build_qwen_tokenizer
 
 FULL = dict(transformer={}, vae={})  # diffusers' defaults are Qwen-Image's published configuration
 

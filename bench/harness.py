@@ -71,7 +71,7 @@ def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationReq
     start = time.perf_counter()
     with context:
         result = generate(row.recipe(pipe), request, store)
-        image = decode(loaded.family, loaded.pipeline, result.latent, DecodeOptions(tiling=False))
+        image = decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))
     if loaded.spec.device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start, to_uint8(image[0]), result.report.as_dict()

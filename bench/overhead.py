@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import machine  # noqa: E402
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate  # noqa: E402
-from omni_core.tiny_models import build_models  # noqa: E402
+from tools.tiny_models import build_models  # noqa: E402
 from tools.comfy_harness import ComfyServer  # noqa: E402
 
 PROMPT = "a red circle at the top left on a blue background"
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         request = GenerationRequest(prompt=PROMPT, seed=seed, steps=args.steps, cfg=args.cfg, width=args.size, height=args.size)
         result = generate(pipe, request, store)
         loaded, _ = store.get(pipe.spec)
-        decode(loaded.family, loaded.pipeline, result.latent, DecodeOptions(tiling=False)).numpy()
+        decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False)).numpy()
 
     workflow = json.loads((ROOT / "workflows" / "qwen_image_api.json").read_text())
     workflow["1"]["inputs"]["model"] = args.model

@@ -24,7 +24,7 @@ from bench.harness import Row, calibrate_magcache, diffusers_cache, machine, mea
 from omni_core import GenerationRequest, LoadSpec, ModelStore, OmniPipe  # noqa: E402
 from omni_core.cache.cachedit import CacheDiT  # noqa: E402
 from omni_core.cache.teacache import TeaCache  # noqa: E402
-from omni_core.tiny_models import build_models, reference_model_folder  # noqa: E402
+from tools.tiny_models import build_models, reference_model_folder  # noqa: E402
 
 
 def log(message: str) -> None:

@@ -1,4 +1,6 @@
-"""ComfyUI node classes. Each is a schema plus one call into omni_core."""
+"""ComfyUI node classes on the V3 schema. Each is a schema plus one call into omni_core."""
+
+from comfy_api.latest import ComfyExtension, io
 
 from .cachedit import OmniCacheDiT
 from .loader import OmniLoader
@@ -6,6 +8,13 @@ from .sampler import OmniSampler
 from .teacache import OmniTeaCache
 from .vae_decode import OmniVAETiledDecode
 
-NODE_CLASSES = (OmniLoader, OmniTeaCache, OmniCacheDiT, OmniSampler, OmniVAETiledDecode)
-NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODE_CLASSES}
-NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODE_CLASSES}
+NODES: list[type[io.ComfyNode]] = [OmniLoader, OmniTeaCache, OmniCacheDiT, OmniSampler, OmniVAETiledDecode]
+
+
+class OmniAccelExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> OmniAccelExtension:
+    return OmniAccelExtension()

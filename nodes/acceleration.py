@@ -2,42 +2,46 @@
 
 from __future__ import annotations
 
-from ..omni_core import OmniError, OmniPipe
-from .loader import CATEGORY
+from comfy_api.latest import io
+
+from ..omni_core import OmniPipe
+from .base import CATEGORY, OmniNode, OmniPipeType
 
 
-class AccelerationNode:
-    """Subclasses define NODE_ID, DISPLAY_NAME, DESCRIPTION, SETTINGS (name -> ComfyUI input spec) and
-    `build(**settings)` returning the omni_core Accelerator. Settings are checked by the Accelerator itself,
-    at queue time (VALIDATE_INPUTS) and again when the node runs."""
+class AccelerationNode(OmniNode):
+    """Subclasses define NODE_ID, DISPLAY_NAME, DESCRIPTION, OUTPUT_TOOLTIP, `settings()` (their V3 inputs
+    after `pipe`) and `build(**settings)` returning the omni_core Accelerator, which checks its own values:
+    at queue time when all are known, and again when the node runs."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("OMNI_PIPE",)
-    RETURN_NAMES = ("pipe",)
-    FUNCTION = "apply"
-    SETTINGS: dict = {}
-    OPTIONAL_SETTINGS: dict = {}
+    NODE_ID: str
+    DISPLAY_NAME: str
+    DESCRIPTION: str
+    OUTPUT_TOOLTIP: str
+
+    @classmethod
+    def settings(cls) -> list[io.Input]:
+        raise NotImplementedError
 
     @classmethod
     def build(cls, **settings):
         raise NotImplementedError
 
     @classmethod
-    def INPUT_TYPES(cls):
-        pipe = ("OMNI_PIPE", {"tooltip": "From Omni Loader or another acceleration node."})
-        return {"required": {"pipe": pipe, **cls.SETTINGS}, "optional": dict(cls.OPTIONAL_SETTINGS)}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=cls.NODE_ID,
+            display_name=cls.DISPLAY_NAME,
+            category=CATEGORY,
+            description=cls.DESCRIPTION,
+            inputs=[OmniPipeType.Input("pipe", tooltip="From Omni Loader or another acceleration node."), *cls.settings()],
+            outputs=[OmniPipeType.Output(display_name="pipe", tooltip=cls.OUTPUT_TOOLTIP)],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **inputs):
-        settings = {name: inputs.get(name) for name in cls.SETTINGS}
-        settings.update({name: inputs[name] for name in cls.OPTIONAL_SETTINGS if name in inputs})
-        if None in settings.values():
-            return True  # a linked value is only known when the node runs; apply() checks it then
-        try:
+    def check(cls, pipe=None, **settings) -> None:
+        if None not in settings.values():  # a linked value is only known when the node runs
             cls.build(**settings)
-        except OmniError as exc:
-            return str(exc)
-        return True
 
-    def apply(self, pipe: OmniPipe, **settings):
-        return (pipe.with_accelerator(self.build(**settings)),)
+    @classmethod
+    def run(cls, pipe: OmniPipe, **settings) -> io.NodeOutput:
+        return io.NodeOutput(pipe.with_accelerator(cls.build(**settings)))

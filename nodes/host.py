@@ -1,9 +1,12 @@
-"""The pack's one link to ComfyUI internals: model folders, memory management, progress.
+"""The pack's one link to ComfyUI internals: model folders, memory management, progress, a status route.
 
-ComfyUI offers no hook for "free memory", so the pack wraps comfy.model_management.free_memory (which
-`POST /free` reaches through unload_all_models, and which ComfyUI calls before loading its own models):
-after ComfyUI has unloaded what it can, pipelines held by this pack on that device are released if the
-request is still not met.
+ComfyUI offers no hook for "free memory", so the pack wraps two functions of comfy.model_management:
+- `free_memory(memory_required, device)`, which ComfyUI calls before loading its own models: after ComfyUI
+  has unloaded what it can, this pack's least-recently-used pipelines on that device are released until
+  the request is met;
+- `unload_all_models()`, which `POST /free` and ComfyUI's out-of-memory recovery call: every pipeline of
+  this pack is released, on every device.
+Neither wrapper can break ComfyUI: their own errors are logged, and ComfyUI's function always runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..omni_core import ModelStore
+from ..omni_core import InvalidInput, ModelStore
+from ..omni_core.memory import gib
 
 log = logging.getLogger("omni_accel")
 
@@ -30,35 +34,50 @@ def _same_device(ours: str, theirs) -> bool:
 
 
 def _release_for(memory_required: float, device) -> None:
-    devices = {spec.device for spec in STORE.loaded_specs() if _same_device(spec.device, device)}
+    devices = {key.spec.device for key in STORE.loaded_variants() if _same_device(key.spec.device, device)}
     for ours in devices:
-        if mm.get_free_memory(torch.device(ours)) < memory_required:
-            STORE.release(ours)
+        STORE.release_until_free(ours, memory_required,
+                                 reason=f"ComfyUI needed {gib(memory_required)} free on {ours} for its own models")
 
 
-def _install_free_memory_hook() -> None:
-    original = mm.free_memory
+def _wrap(name: str, after) -> None:
+    original = getattr(mm, name)
     if getattr(original, "_omni_accel", False):
         return
 
     @functools.wraps(original)
-    def free_memory(memory_required, device, *args, **kwargs):
-        unloaded = original(memory_required, device, *args, **kwargs)
-        _release_for(memory_required, device)
-        return unloaded
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        try:
+            after(*args, **kwargs)
+        except Exception:  # never let the pack break ComfyUI's own memory management
+            log.exception("Omni Accel: releasing pipelines after comfy.model_management.%s failed", name)
+        return result
 
-    free_memory._omni_accel = True
-    free_memory._omni_accel_original = original
-    mm.free_memory = free_memory
+    wrapper._omni_accel = True
+    wrapper._omni_accel_original = original
+    setattr(mm, name, wrapper)
+
+
+def _after_free_memory(memory_required, device, *args, **kwargs) -> None:
+    _release_for(memory_required, device)
+
+
+def _after_unload_all(*args, **kwargs) -> None:
+    STORE.release(reason="ComfyUI unloaded all models (POST /free or out-of-memory recovery)")
 
 
 def _make_room(nbytes: int, device: str) -> None:
     """Before loading a pipeline, ask ComfyUI to unload its own models to make room (not ours)."""
     original = getattr(mm.free_memory, "_omni_accel_original", mm.free_memory)
-    original(nbytes * 1.1 + mm.extra_reserved_memory(), torch.device(device))
+    try:
+        original(nbytes * 1.1 + mm.extra_reserved_memory(), torch.device(device))
+    except Exception:
+        log.exception("Omni Accel: asking ComfyUI to free memory on %s failed", device)
 
 
-_install_free_memory_hook()
+_wrap("free_memory", _after_free_memory)
+_wrap("unload_all_models", _after_unload_all)
 STORE.before_load = _make_room
 
 
@@ -79,7 +98,18 @@ def diffusers_folders() -> list[str]:
     return sorted(names)
 
 
+def check_model_name(name: str) -> None:
+    """A model name is a relative path below models/diffusers: no absolute path, no '..', no backslash.
+    Checked on the string alone, before the file system is touched."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
+            or any(part in ("", ".", "..") for part in parts)):
+        raise InvalidInput("model", f"'{name}' is not a model folder name (a path inside models/diffusers, "
+                           "without '..' or a leading '/').", "the names Omni Loader lists")
+
+
 def diffusers_folder_path(name: str) -> str | None:
+    check_model_name(name)
     for root in folder_paths.get_folder_paths("diffusers"):
         candidate = os.path.join(root, *name.split("/"))
         if os.path.isfile(os.path.join(candidate, "model_index.json")):
@@ -113,3 +143,24 @@ def step_listener(total_steps: int):
         bar.update_absolute(done, total, ("JPEG", preview, args.preview_size) if preview is not None else None)
 
     return on_step
+
+
+# --- status -----------------------------------------------------------------------------------------
+def _add_status_route() -> None:
+    """GET /omni_accel/store: what the pack holds in memory, per device (for users and tests)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:  # not inside a ComfyUI server (e.g. nodes imported by a script)
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+
+    @instance.routes.get("/omni_accel/store")
+    async def store_status(request):
+        return web.json_response({"held": STORE.held(), "loads": STORE.loads,
+                                  "max_pipelines_per_device": STORE.max_per_device})
+
+
+_add_status_route()

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from comfy_api.latest import io
+
 from ..omni_core import InvalidInput, LoadSpec, OmniPipe
 from ..omni_core.devices import DTYPE_CHOICES, device_choices
 from ..omni_core.families import supported_pipeline_classes
-from .host import STORE, diffusers_folder_path, diffusers_folders, transformer_file_path, transformer_files
-
-CATEGORY = "Omni Accel"
+from .base import CATEGORY, OmniNode, OmniPipeType
+from .host import diffusers_folder_path, diffusers_folders, transformer_file_path, transformer_files
 
 
 def _files(transformer_file: str, transformer_2_file: str) -> dict[str, str]:
@@ -20,65 +21,59 @@ def _files(transformer_file: str, transformer_2_file: str) -> dict[str, str]:
     return files
 
 
-class OmniLoader:
-    NODE_ID = "OmniLoader"
-    DISPLAY_NAME = "Omni Loader"
-    DESCRIPTION = (
-        "Loads a diffusers pipeline folder from models/diffusers once per server and returns OMNI_PIPE: "
-        "the model plus an empty acceleration recipe for the nodes after it. "
-        f"Supported pipelines: {', '.join(supported_pipeline_classes())}."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("OMNI_PIPE",)
-    RETURN_NAMES = ("pipe",)
-    OUTPUT_TOOLTIPS = ("The loaded model and its (so far empty) acceleration recipe.",)
-    FUNCTION = "load"
+def _spec(model: str, dtype: str, device: str, transformer_file: str, transformer_2_file: str) -> LoadSpec:
+    path = diffusers_folder_path(model)
+    if path is None:
+        raise InvalidInput("model", f"'{model}' is not a model folder under models/diffusers.", diffusers_folders())
+    return LoadSpec.create(path, model, dtype, device, _files(transformer_file, transformer_2_file))
+
+
+class OmniLoader(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniLoader",
+            display_name="Omni Loader",
+            category=CATEGORY,
+            description=(
+                "Picks a diffusers pipeline folder from models/diffusers and returns OMNI_PIPE: the model plus an "
+                "empty acceleration recipe for the nodes after it. It checks the folder and its weights files "
+                "without loading them; the first Sampler run loads the variant its recipe asks for, once per "
+                f"server. Supported pipelines: {', '.join(supported_pipeline_classes())}."
+            ),
+            inputs=[
+                io.Combo.Input("model", options=diffusers_folders(),
+                               tooltip="A diffusers pipeline folder (with model_index.json) under ComfyUI's models/diffusers."),
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
+                               tooltip="Weight and compute precision. auto = bf16 on a GPU, fp32 on the CPU."),
+                io.Combo.Input("device", options=device_choices(), default="auto",
+                               tooltip="Where the pipeline runs. auto = the first GPU if there is one, else the CPU."),
+                io.Combo.Input("transformer_file", options=["none", *transformer_files()], default="none", optional=True,
+                               tooltip="A single-file transformer from models/diffusion_models that replaces the folder's "
+                                       "transformer (diffusers keys, or the ComfyUI/original layout of Flux, Wan, Z-Image). "
+                                       "Text encoders, VAE, tokenizer and scheduler still come from the folder. "
+                                       "Wan 2.2: the high-noise expert."),
+                io.Combo.Input("transformer_2_file", options=["none", *transformer_files()], default="none", optional=True,
+                               tooltip="Wan 2.2 only: a single-file low-noise expert (transformer_2) from models/diffusion_models."),
+            ],
+            outputs=[OmniPipeType.Output(display_name="pipe", tooltip="The model and its (so far empty) acceleration recipe.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (diffusers_folders(), {
-                    "tooltip": "A diffusers pipeline folder (with model_index.json) under ComfyUI's models/diffusers.",
-                }),
-                "dtype": (list(DTYPE_CHOICES), {
-                    "default": "auto",
-                    "tooltip": "Weight and compute precision. auto = bf16 on a GPU, fp32 on the CPU.",
-                }),
-                "device": (device_choices(), {
-                    "default": "auto",
-                    "tooltip": "Where the pipeline runs. auto = the first GPU if there is one, else the CPU.",
-                }),
-            },
-            "optional": {
-                "transformer_file": (["none", *transformer_files()], {
-                    "default": "none",
-                    "tooltip": "A single-file transformer from models/diffusion_models that replaces the folder's "
-                               "transformer (diffusers keys, or the ComfyUI/original layout of Flux, Wan, Z-Image). "
-                               "Text encoders, VAE, tokenizer and scheduler still come from the folder. "
-                               "Wan 2.2: the high-noise expert.",
-                }),
-                "transformer_2_file": (["none", *transformer_files()], {
-                    "default": "none",
-                    "tooltip": "Wan 2.2 only: a single-file low-noise expert (transformer_2) from models/diffusion_models.",
-                }),
-            },
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, model, dtype, device, transformer_file="none", transformer_2_file="none"):
+    def fingerprint_inputs(cls, model, dtype, device, transformer_file="none", transformer_2_file="none"):
         # Re-run when weights change on disk, so a re-exported model or file is picked up.
-        path = diffusers_folder_path(model)
         try:
-            files = _files(transformer_file, transformer_2_file)
-            return repr(LoadSpec.create(path, model, dtype, device, files).fingerprint) if path else model
+            return repr(_spec(model, dtype, device, transformer_file, transformer_2_file).fingerprint)
         except Exception:
             return model
 
-    def load(self, model: str, dtype: str, device: str, transformer_file="none", transformer_2_file="none"):
-        path = diffusers_folder_path(model)
-        if path is None:
-            raise InvalidInput("model", f"'{model}' is not a model folder under models/diffusers.", diffusers_folders())
-        spec = LoadSpec.create(path, model, dtype, device, _files(transformer_file, transformer_2_file))
-        STORE.get(spec)  # load now, so a broken folder shows on this node; the Sampler reuses it
-        return (OmniPipe(spec),)
+    @classmethod
+    def check(cls, model=None, **_) -> None:
+        if model is not None:
+            diffusers_folder_path(model)  # refuses names that leave models/diffusers
+
+    @classmethod
+    def run(cls, model, dtype, device, transformer_file="none", transformer_2_file="none") -> io.NodeOutput:
+        spec = _spec(model, dtype, device, transformer_file, transformer_2_file)
+        spec.check_files()  # a truncated or overwritten weights file is named on this node, before any load
+        return io.NodeOutput(OmniPipe(spec))

@@ -1,41 +1,41 @@
 from __future__ import annotations
 
-from ..omni_core import DecodeOptions, OmniPipe, decode
+from comfy_api.latest import io
+
+from ..omni_core import DecodeOptions, OmniPipe, decode_latent
+from .base import CATEGORY, OmniNode, OmniPipeType
 from .host import STORE
-from .loader import CATEGORY
 
 
-class OmniVAETiledDecode:
-    NODE_ID = "OmniVAETiledDecode"
-    DISPLAY_NAME = "VAE Tiled Decode"
-    DESCRIPTION = (
-        "Decodes a LATENT with the pipeline's own VAE. Tiling decodes overlapping spatial tiles one at a "
-        "time and blends the seams (lower peak memory, slightly different pixels near seams); slicing "
-        "decodes the batch one item at a time (lower peak memory, identical pixels)."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("Decoded images (B, H, W, C), values 0..1.",)
-    FUNCTION = "decode"
+class OmniVAETiledDecode(OmniNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniVAETiledDecode",
+            display_name="VAE Tiled Decode",
+            category=CATEGORY,
+            description=(
+                "Decodes a LATENT with the pipeline's own VAE (loading the VAE alone if the pipeline was released "
+                "since the Sampler ran). Tiling decodes overlapping spatial tiles one at a time and blends the seams "
+                "(lower peak memory, slightly different pixels near seams); slicing decodes the batch one item at a "
+                "time (lower peak memory, identical pixels)."
+            ),
+            inputs=[
+                OmniPipeType.Input("pipe", tooltip="The pipe whose Sampler made the latent (its VAE decodes it)."),
+                io.Latent.Input("latent", tooltip="Latent from the Sampler."),
+                io.Boolean.Input("tiling", default=True,
+                                 tooltip="Decode in overlapping spatial tiles to cap VAE memory. Images no larger than one tile are decoded whole."),
+                io.Int.Input("tile_size", default=256, min=32, max=4096, step=8,
+                             tooltip="Tile edge in output pixels; a multiple of the VAE's downscale factor (8 for full-size models)."),
+                io.Int.Input("tile_overlap", default=64, min=0, max=4000, step=8,
+                             tooltip="Pixels shared by neighbouring tiles and blended; larger hides seams better, costs more."),
+                io.Boolean.Input("slicing", default=False,
+                                 tooltip="Decode batch items one at a time; same pixels, lower peak memory."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="Decoded images (B, H, W, C), values 0..1.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pipe": ("OMNI_PIPE", {"tooltip": "The pipe whose Sampler made the latent (its VAE decodes it)."}),
-                "latent": ("LATENT", {"tooltip": "Latent from the Sampler."}),
-                "tiling": ("BOOLEAN", {"default": True,
-                                       "tooltip": "Decode in overlapping spatial tiles to cap VAE memory. Images no larger than one tile are decoded whole."}),
-                "tile_size": ("INT", {"default": 256, "min": 32, "max": 4096, "step": 8,
-                                      "tooltip": "Tile edge in output pixels; a multiple of the VAE's downscale factor (8 for full-size models)."}),
-                "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 4000, "step": 8,
-                                         "tooltip": "Pixels shared by neighbouring tiles and blended; larger hides seams better, costs more."}),
-                "slicing": ("BOOLEAN", {"default": False,
-                                        "tooltip": "Decode batch items one at a time; same pixels, lower peak memory."}),
-            }
-        }
-
-    def decode(self, pipe: OmniPipe, latent, tiling, tile_size, tile_overlap, slicing):
-        loaded, _ = STORE.get(pipe.spec)
+    def run(cls, pipe: OmniPipe, latent, tiling, tile_size, tile_overlap, slicing) -> io.NodeOutput:
         options = DecodeOptions(tiling=tiling, tile_size=tile_size, tile_overlap=tile_overlap, slicing=slicing)
-        return (decode(loaded.family, loaded.pipeline, latent["samples"], options),)
+        return io.NodeOutput(decode_latent(pipe, latent["samples"], options, STORE))

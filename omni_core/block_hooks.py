@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -25,35 +24,6 @@ def _signature(block_class: type) -> inspect.Signature:
 def bound_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = _signature(type(block)).bind(block, *args, **kwargs)
     return dict(bound.arguments)
-
-
-@dataclass(frozen=True)
-class BlockIO:
-    """How a family's transformer blocks take and return their streams.
-
-    `stream` is the image (or unified) token stream a cache works on. Blocks either return it alone
-    (`stream_index=None`) or in a tuple with the text stream at `other_index`.
-    """
-
-    stream_arg: str = "hidden_states"
-    stream_index: int | None = None
-    other_arg: str | None = None
-    other_index: int | None = None
-
-    def stream_in(self, arguments: dict) -> torch.Tensor:
-        return arguments[self.stream_arg]
-
-    def stream_out(self, output) -> torch.Tensor:
-        return output if self.stream_index is None else output[self.stream_index]
-
-    def output(self, arguments: dict, stream: torch.Tensor):
-        """The block's return value when it is skipped: `stream` as the main stream, other streams unchanged."""
-        if self.stream_index is None:
-            return stream
-        out = [None, None]
-        out[self.stream_index] = stream
-        out[self.other_index] = arguments[self.other_arg]
-        return tuple(out)
 
 
 class BlockForwardHook(ModelHook):

@@ -19,15 +19,14 @@ _FIT_SIZE = 8  # latent pixels per side used for the fit
 
 
 @torch.no_grad()
-def fit_rgb_map(pipeline, family: ModelFamily, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    vae = pipeline.vae
-    channels = family.latent_channels(pipeline)
+def fit_rgb_map(vae, family: ModelFamily, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = family.latent_channels(vae)
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (4, channels, 1, _FIT_SIZE, _FIT_SIZE) if family.video else (4, channels, _FIT_SIZE, _FIT_SIZE)
     # Latents as the pipeline's own are distributed: N(0, 1) in model space, through the family's de-normalisation.
-    z = family.model_to_vae_space(pipeline, torch.randn(shape, generator=generator)).float().cpu()
-    decoded = vae.decode(family.latent_to_vae_input(pipeline, z.to(vae.device, vae.dtype)), return_dict=False)[0]
-    rgb = family.vae_output_to_images(pipeline, decoded)  # (N, H, W, 3) in [0, 1]
+    z = family.model_to_vae_space(vae, torch.randn(shape, generator=generator)).float().cpu()
+    decoded = vae.decode(family.latent_to_vae_input(z.to(vae.device, vae.dtype)), return_dict=False)[0]
+    rgb = family.vae_output_to_images(decoded)  # (N, H, W, 3) in [0, 1]
     scale = rgb.shape[1] // _FIT_SIZE
     rgb = torch.nn.functional.avg_pool2d(rgb.permute(0, 3, 1, 2), scale).permute(0, 2, 3, 1).reshape(-1, 3)
     features = z.reshape(4, channels, -1).permute(0, 2, 1).reshape(-1, channels).float()

@@ -1,8 +1,15 @@
 """OMNI_PIPE: an immutable recipe (which model, which accelerators), never a live patched model.
 
-Acceleration nodes return `pipe.with_accelerator(...)`, a new OmniPipe; the run scope applies the recipe
-to the loaded model for one run and undoes it afterwards. A bypassed node, ComfyUI's output cache or two
-branches sharing one loader therefore cannot leak a patch into another run.
+Acceleration nodes return `pipe.with_accelerator(...)`, a new OmniPipe. Entries are of two kinds:
+
+- run-time entries (TeaCache, Cache-DiT) are applied by the run scope to the loaded model for one run and
+  undone afterwards;
+- load-time entries (quantization, placement, compile, a parallel layout) decide which weights are in
+  memory and where. They are part of the Variant the store loads by, so each variant is built once, reused,
+  and a pipe without the entry gets the plain model, never a transformed one.
+
+A bypassed node, ComfyUI's output cache or two branches sharing one loader therefore cannot leak a change
+into another run.
 """
 
 from __future__ import annotations
@@ -10,14 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from .errors import IncompatibleStack
-from .store import LoadSpec
-
-if TYPE_CHECKING:
-    from .request import GenerationRequest
-    from .runtime import Run
+from .spec import LoadSpec
 
 
 class Accelerator:
@@ -27,20 +30,70 @@ class Accelerator:
     display_name: ClassVar[str]  # the node's name, used in messages
     # Accelerators sharing a group cannot be stacked (e.g. two cache backends).
     exclusive_group: ClassVar[str | None] = None
+    # Load-time entries are part of the store key and prepare the model when it is loaded.
+    load_time: ClassVar[bool] = False
+    # Order in which load-time entries prepare a freshly loaded model (weights, then placement, then compile).
+    load_order: ClassVar[int] = 0
 
     def check_model(self, spec: LoadSpec) -> None:
         """Refuse families or folders this accelerator cannot serve. Runs when the node executes."""
 
-    def check_request(self, spec: LoadSpec, request: "GenerationRequest") -> None:
+    def check_stack(self, others: tuple["Accelerator", ...]) -> None:
+        """Refuse combinations with the entries already in the recipe (beyond the exclusive group)."""
+
+    def check_request(self, spec: LoadSpec, request) -> None:
         """Refuse settings that cannot serve this request (e.g. a step count). Runs before loading."""
 
+    # --- load-time entries --------------------------------------------------------------------
+    def component_bytes(self, spec: LoadSpec, components: dict[str, int]) -> dict[str, int]:
+        """Bytes each pipeline component will hold once this entry has prepared it (estimate before loading)."""
+        return components
+
+    def device_bytes(self, spec: LoadSpec, components: dict[str, int]) -> dict[str, int] | None:
+        """Where those bytes live at peak, per device, if this entry decides placement (else None)."""
+        return None
+
+    def prepare(self, loading) -> None:
+        """Transform a freshly loaded pipeline (still in CPU memory) once per loaded variant.
+
+        `loading` is the store's LoadingModel: its pipeline, family and spec, `placed` (set it when this entry
+        has put the pipeline on its devices) and `prepared` (facts to keep for reports)."""
+
+    # --- both kinds -----------------------------------------------------------------------------
     @contextmanager
-    def applied(self, run: "Run") -> Iterator[None]:
-        """Patch run.pipeline for one run, yield, and undo everything in `finally`."""
+    def applied(self, run) -> Iterator[None]:
+        """Patch run.pipeline for one run (and/or report on it), yield, and undo everything in `finally`."""
         yield
 
     def describe(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the store loads by: the model and its load-time entries, in the order they prepare it."""
+
+    spec: LoadSpec
+    entries: tuple[Accelerator, ...] = ()
+
+    @classmethod
+    def of(cls, item: "Variant | OmniPipe | LoadSpec") -> "Variant":
+        if isinstance(item, Variant):
+            return item
+        if isinstance(item, OmniPipe):
+            return item.variant
+        return cls(item)
+
+    def describe(self) -> dict:
+        return {"model": self.spec.name, "dtype": self.spec.dtype, "device": self.spec.device,
+                "files": [attr for attr, _ in self.spec.transformer_files],
+                "load_time": [entry.describe() for entry in self.entries]}
+
+    def label(self) -> str:
+        parts = [self.spec.name, self.spec.dtype, self.spec.device]
+        parts += [f"{attr} from file" for attr, _ in self.spec.transformer_files]
+        parts += [entry.display_name for entry in self.entries]
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -57,7 +110,19 @@ class OmniPipe:
                     f"{accelerator.display_name} cannot be stacked on {existing.display_name}: "
                     f"only one {group} accelerator per stack. Remove or bypass one of them."
                 )
+        accelerator.check_stack(self.recipe)
+        for existing in self.recipe:
+            existing.check_stack((accelerator,))
         return replace(self, recipe=self.recipe + (accelerator,))
+
+    @property
+    def variant(self) -> Variant:
+        entries = sorted((e for e in self.recipe if e.load_time), key=lambda e: e.load_order)
+        return Variant(self.spec, tuple(entries))
+
+    @property
+    def run_time_entries(self) -> tuple[Accelerator, ...]:
+        return tuple(e for e in self.recipe if not e.load_time)
 
     def describe(self) -> list[dict]:
         return [accelerator.describe() for accelerator in self.recipe]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from typing import Any
 import psutil
 import torch
 
+log = logging.getLogger("omni_accel")
 
 class MemoryWatch:
     """Peak memory of one run. CUDA peaks come from the allocator; CPU RSS is sampled (once per step)."""
@@ -56,6 +58,31 @@ class RunReport:
 
     def section(self, name: str) -> dict:
         return self.sections.setdefault(name, {})
+
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Guards report writing: a failure here is logged and noted, never raised, so it can neither fail
+        a good run nor hide the error of a failed one."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("Omni Accel: could not write the %s report", what)
+            self.note(f"the {what} report could not be written: {exc.__class__.__name__}: {exc}")
+
+    def summary(self) -> str:
+        """A few lines for the node in the editor: what ran, how long, and each accelerator's own summary."""
+        header = self.header
+        calls = self.counters.get("transformer_calls")
+        seconds = self.stages.get("pipeline")
+        first = f"{header.get('model')} ({header.get('family')}, {header.get('dtype')}, {header.get('device')})"
+        if calls is not None:
+            first += f": {self.counters.get('steps')} steps, {calls} transformer calls"
+        if seconds is not None:
+            first += f", {seconds:.2f} s"
+        lines = [first]
+        lines += [section["summary"] for section in self.sections.values() if "summary" in section]
+        lines += [note for note in self.notes if note not in lines]
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""The run scope: check everything, apply the recipe to the loaded model, denoise, restore in `finally`."""
+"""The run scope: check everything, get the variant from the store, apply the recipe, denoise, restore."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import ActivationFloor, refuse_if_too_large
 from .preview import Previewer, fit_rgb_map
 from .probes import block_probe_target, counting_calls, timing_calls
 from .recipe import OmniPipe
@@ -54,6 +55,21 @@ def run_scope(pipe: OmniPipe, loaded: LoadedModel, request: GenerationRequest, r
         yield run
 
 
+def checked_request(pipe: OmniPipe, request: GenerationRequest, store: ModelStore) -> GenerationRequest:
+    """Every check that can be made before any work: the family's, each accelerator's, and the memory floor."""
+    spec = pipe.spec
+    family = spec.model_family
+    source = spec.source
+    request = family.prepare(source, request)
+    family.check_request(source, request)
+    for accelerator in pipe.recipe:
+        accelerator.check_request(spec, request)
+    floor = ActivationFloor.of(family, source, request, spec.dtype)
+    refuse_if_too_large(floor, spec.device, store.room(pipe.variant, spec.device), request, family,
+                        family.size_multiple(source))
+    return request
+
+
 def generate(
     pipe: OmniPipe,
     request: GenerationRequest,
@@ -63,10 +79,7 @@ def generate(
 ) -> GenerationResult:
     spec = pipe.spec
     family = spec.model_family
-    request = family.prepare(spec.source, request)
-    family.check_request(spec.source, request)
-    for accelerator in pipe.recipe:
-        accelerator.check_request(spec, request)
+    request = checked_request(pipe, request, store)
 
     report = RunReport(
         model=spec.name,
@@ -79,8 +92,11 @@ def generate(
         recipe=pipe.describe(),
     )
     with report.stage("load"):
-        loaded, loaded_now = store.get(spec)
+        loaded, loaded_now = store.get(pipe.variant)
     report.counters.update(loaded_this_run=loaded_now, model_load_id=loaded.load_id)
+    releases = store.take_releases()
+    if releases:
+        report.counters["store_releases"] = releases
     memory = MemoryWatch(spec.device)
 
     with run_scope(pipe, loaded, request, report) as run:
@@ -92,7 +108,7 @@ def generate(
         if previews and on_step is not None:
             rgb_map = loaded.derived.get("preview_rgb_map")
             if rgb_map is None:
-                rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline, family)
+                rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline.vae, family)
             previewer = Previewer(run.pipeline, family, request, rgb_map)
 
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
@@ -120,23 +136,24 @@ def generate(
             latent = family.output_to_latent(run.pipeline, output, request)
 
     calls = sum(c.calls for c in denoiser_calls.values())
-    if len(denoiser_calls) > 1:
-        report.counters["transformer_calls_by_denoiser"] = {n: c.calls for n, c in denoiser_calls.items()}
-    blocks_per_call = len(block_counters) // max(len(denoiser_calls), 1)
-    computed = sum(c.calls for c in block_counters)
-    report.counters.update(
-        steps=request.steps,
-        transformer_calls=calls,
-        expected_transformer_calls=request.steps * call.transformer_calls_per_step,
-        block_passes={
-            "computed": computed,
-            "possible": calls * blocks_per_call,
-            "fraction_computed": round(computed / max(calls * blocks_per_call, 1), 4),
-        },
-        memory=memory.result(),
-    )
-    if encode_timer is not None:
-        report.stages["text_encode"] = round(encode_timer.seconds, 4)
+    with report.writing("run counters"):
+        if len(denoiser_calls) > 1:
+            report.counters["transformer_calls_by_denoiser"] = {n: c.calls for n, c in denoiser_calls.items()}
+        blocks_per_call = len(block_counters) // max(len(denoiser_calls), 1)
+        computed = sum(c.calls for c in block_counters)
+        report.counters.update(
+            steps=request.steps,
+            transformer_calls=calls,
+            expected_transformer_calls=request.steps * call.transformer_calls_per_step,
+            block_passes={
+                "computed": computed,
+                "possible": calls * blocks_per_call,
+                "fraction_computed": round(computed / max(calls * blocks_per_call, 1), 4),
+            },
+            memory=memory.result(),
+        )
+        if encode_timer is not None:
+            report.stages["text_encode"] = round(encode_timer.seconds, 4)
     log.info(
         "Omni Accel: %s, %d steps, %d transformer calls, %.2f s",
         spec.name, request.steps, calls, report.stages.get("pipeline", 0.0),

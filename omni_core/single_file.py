@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from .errors import ModelLoadError
 from .layouts import to_diffusers
 from .source import ModelSource
-from .weights_check import safetensors_problem
+from .weights_check import read_header, safetensors_problem, tensor_bytes
 
 
 def _first_mismatch(state: dict, expected: dict) -> str | None:
@@ -30,26 +30,52 @@ def _first_mismatch(state: dict, expected: dict) -> str | None:
     return None
 
 
-def load_transformer_file(family, source: ModelSource, attr: str, path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """`attr` is the pipeline component the file replaces ("transformer", or "transformer_2" for Wan 2.2)."""
-    path = Path(path)
-    input_name = f"{attr}_file"
-    problem = safetensors_problem(path)
-    if problem:
-        raise ModelLoadError(f"{input_name}: {path.name} is corrupt: {problem}. Re-download that file.")
+def _empty_model(source: ModelSource, attr: str) -> torch.nn.Module:
     if not source.has_component(attr):
-        raise ModelLoadError(f"{input_name}: '{source.name}' has no {attr} to replace.")
-    class_name = source.model_index[attr][1]
-    config = source.component_config(attr)
-    state, layout = to_diffusers(load_file(str(path)), config, family.single_file_layouts)
+        raise ModelLoadError(f"{attr}_file: '{source.name}' has no {attr} to replace.")
     with init_empty_weights():
-        model = getattr(diffusers, class_name).from_config(config)
+        return getattr(diffusers, source.model_index[attr][1]).from_config(source.component_config(attr))
+
+
+def _fitted(family, source: ModelSource, attr: str, path: Path, state: dict, model: torch.nn.Module) -> dict:
+    """The file's state in diffusers keys, or an error naming the file and its first key that does not fit."""
+    input_name = f"{attr}_file"
+    state, layout = to_diffusers(state, source.component_config(attr), family.single_file_layouts)
     expected = {key: value.shape for key, value in model.state_dict().items()}
     mismatch = _first_mismatch(state, expected)
     if mismatch:
         raise ModelLoadError(
-            f"{input_name}: {path.name} does not fit the {attr} of '{source.name}' ({class_name}); read as "
+            f"{input_name}: {path.name} does not fit the {attr} of '{source.name}' ({type(model).__name__}); read as "
             f"{layout} layout, {mismatch}. Pick a {family.name} transformer file of the same size as the folder's."
         )
+    return state
+
+
+def _intact(attr: str, path: Path) -> None:
+    problem = safetensors_problem(path)
+    if problem:
+        raise ModelLoadError(f"{attr}_file: {path.name} is corrupt: {problem}. Re-download that file.")
+
+
+def check_transformer_file(family, source: ModelSource, attr: str, path: str | Path) -> None:
+    """Checks that the file is intact and fits the component, reading only its header (tensors on 'meta')."""
+    path = Path(path)
+    _intact(attr, path)
+    header, _ = read_header(path)
+    state = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
+    _fitted(family, source, attr, path, state, _empty_model(source, attr))
+
+
+def load_transformer_file(family, source: ModelSource, attr: str, path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+    """`attr` is the pipeline component the file replaces ("transformer", or "transformer_2" for Wan 2.2)."""
+    path = Path(path)
+    _intact(attr, path)
+    model = _empty_model(source, attr)
+    state = _fitted(family, source, attr, path, load_file(str(path)), model)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval()
+
+
+def transformer_file_bytes(path: str | Path, float_bytes: int) -> int:
+    """Bytes the file's transformer takes once loaded at the pipeline's dtype."""
+    return tensor_bytes(path, float_bytes)

@@ -23,10 +23,7 @@ class ModelSource:
         folder = Path(folder).resolve()
         name = name or folder.name
         if not (folder / "model_index.json").is_file():
-            raise InvalidInput(
-                "model",
-                f"'{name}' ({folder}) is not a diffusers model folder: it has no model_index.json.",
-            )
+            raise InvalidInput("model", f"'{name}' is not a diffusers model folder: it has no model_index.json.")
         return cls(folder=folder, name=name)
 
     @cached_property
@@ -34,7 +31,7 @@ class ModelSource:
         try:
             return json.loads((self.folder / "model_index.json").read_text())
         except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"model: {self.folder / 'model_index.json'} is not valid JSON ({exc}).") from exc
+            raise ModelLoadError(f"model: the model_index.json of '{self.name}' is not valid JSON ({exc}).") from exc
 
     @property
     def pipeline_class_name(self) -> str:
@@ -58,8 +55,9 @@ class ModelSource:
         """Safetensors files of every component, except those in `skip` (replaced from elsewhere)."""
         return sorted(p for p in self.folder.glob("*/*.safetensors") if p.parent.name not in skip)
 
-    def weights_bytes(self, skip: list[str] = ()) -> int:
-        return sum(p.stat().st_size for p in self.weight_files(skip))
+    def components(self) -> list[str]:
+        """Pipeline components present in the folder (model_index entries that are not [null, null])."""
+        return [name for name in self.model_index if not name.startswith("_") and self.has_component(name)]
 
     def fingerprint(self, skip: list[str] = ()) -> tuple:
         """Changes when any weights file is replaced, so a re-exported folder is loaded afresh."""

@@ -1,165 +1,345 @@
-"""Loaded pipelines, kept once per (folder, dtype, device) and released on request.
+"""The model store: loaded variants (and VAEs loaded alone), kept per device within a budget.
 
-Nothing else holds a loaded pipeline between runs: an OMNI_PIPE carries only a LoadSpec, so releasing
-here really frees the memory, and the next run loads again.
+Nothing else holds a loaded pipeline between runs: an OMNI_PIPE carries only a recipe, so releasing here
+really frees the memory, and the next run loads again.
+
+Before a load the store estimates the bytes the variant needs on each device it uses (from the weights
+files' headers, adjusted by the variant's load-time entries), releases this pack's least-recently-used
+pipelines on those devices until the variant fits and the per-device count budget holds, and asks the
+host (ComfyUI) to free its own models. A variant whose weights cannot fit even then is refused with a
+message; an out-of-memory error during the load releases this pack's pipelines on the device and reaches
+the host as an out-of-memory error, so the host's own recovery runs.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
-from collections import OrderedDict
-from pathlib import Path
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .devices import DTYPES, resolve_device, resolve_dtype
+from .devices import DTYPE_BYTES
 from .errors import InvalidInput, ModelLoadError, OmniError
-from .families import ModelFamily, family_by_name, family_for_source
-from .single_file import load_transformer_file
-from .source import ModelSource
+from .families import ModelFamily
+from .memory import DeviceMemory, folder_component_bytes, gib
+from .recipe import OmniPipe, Variant
+from .single_file import load_transformer_file, transformer_file_bytes
+from .spec import LoadSpec
 
 log = logging.getLogger("omni_accel")
 
+DEFAULT_MAX_PER_DEVICE = int(os.environ.get("OMNI_ACCEL_MAX_PIPELINES", "2"))
+# Headroom kept free beyond the weights estimate when making room (allocator slack, small buffers).
+LOAD_MARGIN = 1.05
 
-@dataclass(frozen=True)
-class LoadSpec:
-    """Everything that decides which weights end up in memory. Hashable: it is the cache key."""
 
-    folder: str
-    name: str
-    family: str
-    dtype: str
-    device: str
-    # (pipeline component, single-file path) pairs replacing the folder's transformer(s)
-    transformer_files: tuple[tuple[str, str], ...] = ()
-    fingerprint: tuple = field(default=(), compare=True, repr=False)
+@dataclass
+class LoadingModel:
+    """A pipeline between loading and being held: what load-time entries prepare."""
 
-    @classmethod
-    def create(
-        cls, folder: str, name: str, dtype: str = "auto", device: str = "auto",
-        transformer_files: dict[str, str] | None = None,
-    ) -> "LoadSpec":
-        """Resolves choices and checks the folder (family supported) without loading weights."""
-        source = ModelSource.open(folder, name)
-        family = family_for_source(source)
-        device = resolve_device(device)
-        files = tuple(sorted((attr, str(Path(path).resolve())) for attr, path in (transformer_files or {}).items()))
-        for attr, path in files:
-            if not source.has_component(attr):
-                raise InvalidInput(f"{attr}_file", f"'{name}' has no {attr} for {Path(path).name} to replace.", "none")
-        file_stats = tuple((path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns) for _, path in files)
-        return cls(
-            folder=str(source.folder),
-            name=source.name,
-            family=family.name,
-            dtype=resolve_dtype(dtype, device),
-            device=device,
-            transformer_files=files,
-            fingerprint=source.fingerprint(skip=[attr for attr, _ in files]) + file_stats,
-        )
-
-    @property
-    def source(self) -> ModelSource:
-        return ModelSource.open(self.folder, self.name)
-
-    @property
-    def model_family(self) -> ModelFamily:
-        return family_by_name(self.family)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    spec: LoadSpec
+    family: ModelFamily
+    pipeline: Any
+    placed: bool = False  # set by an entry that put the pipeline on its devices itself
+    prepared: dict = field(default_factory=dict)  # kind -> facts for reports
 
 
 @dataclass
 class LoadedModel:
-    spec: LoadSpec
+    variant: Variant
     pipeline: Any
     load_seconds: float
     load_id: int  # increases with every load in this store: a changed id means the weights were reloaded
+    device_bytes: dict[str, int]
+    prepared: dict = field(default_factory=dict)  # what load-time entries did, by kind
     # Things derived once from these weights and reused by later runs (e.g. the preview colour map).
     derived: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> LoadSpec:
+        return self.variant.spec
 
     @property
     def family(self) -> ModelFamily:
         return self.spec.model_family
 
+    def label(self) -> str:
+        return self.variant.label()
+
+
+@dataclass(frozen=True)
+class VaeKey:
+    """A VAE loaded alone (to decode while its pipeline is not held)."""
+
+    spec: LoadSpec
+
+    def label(self) -> str:
+        return f"{self.spec.name} VAE, {self.spec.dtype}, {self.spec.device}"
+
+
+@dataclass
+class LoadedVae:
+    key: VaeKey
+    vae: torch.nn.Module
+    load_id: int
+    device_bytes: dict[str, int]
+
+    def label(self) -> str:
+        return self.key.label()
+
+
+@dataclass(frozen=True)
+class Release:
+    what: str
+    device: str
+    reason: str
+
+    def describe(self) -> dict:
+        return {"released": self.what, "device": self.device, "reason": self.reason}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def empty_device_caches() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 class ModelStore:
-    def __init__(self) -> None:
-        self._models: OrderedDict[LoadSpec, LoadedModel] = OrderedDict()
+    def __init__(self, max_per_device: int = DEFAULT_MAX_PER_DEVICE, memory: DeviceMemory | None = None) -> None:
+        if max_per_device < 1:
+            raise ValueError("max_per_device must be at least 1")
+        self.max_per_device = max_per_device
+        self.memory = memory or DeviceMemory()
+        self._held: OrderedDict[Variant | VaeKey, LoadedModel | LoadedVae] = OrderedDict()
         self._lock = threading.RLock()
         self._loads = 0
-        # Called with (bytes needed, device) before a load, so a host (ComfyUI) can make room.
+        self._releases: deque[Release] = deque(maxlen=100)
+        # Called with (bytes needed, device) before a load, so a host (ComfyUI) can free its own models.
         self.before_load: Callable[[int, str], None] | None = None
 
-    def get(self, spec: LoadSpec) -> tuple[LoadedModel, bool]:
-        """Returns the loaded model and whether this call had to load it."""
+    # --- estimates --------------------------------------------------------------------------------
+    def component_bytes(self, variant: Variant) -> dict[str, int]:
+        spec = variant.spec
+        float_bytes = DTYPE_BYTES[spec.dtype]
+        components = folder_component_bytes(spec.source, float_bytes, skip=spec.replaced_components)
+        for attr, path in spec.transformer_files:
+            components[attr] = transformer_file_bytes(path, float_bytes)
+        for entry in variant.entries:
+            components = entry.component_bytes(spec, components)
+        return components
+
+    def device_bytes(self, variant: Variant) -> dict[str, int]:
+        """Bytes the variant's weights take at peak on each device it uses (an estimate, before loading)."""
+        components = self.component_bytes(variant)
+        for entry in variant.entries:
+            placement = entry.device_bytes(variant.spec, components)
+            if placement is not None:
+                return placement
+        return {variant.spec.device: sum(components.values())}
+
+    def room(self, variant: Variant, device: str) -> int:
+        """Bytes a run of `variant` can have on `device` for its activations: free memory, plus this store's
+        other pipelines there (they would be released), minus the variant's weights if not yet loaded."""
         with self._lock:
-            loaded = self._models.get(spec)
+            held = self._held.get(variant)
+            others = sum(h.device_bytes.get(device, 0) for key, h in self._held.items() if key != variant)
+            weights = 0 if held is not None else self.device_bytes(variant).get(device, 0)
+        return self.memory.free(device) + others - weights
+
+    # --- pipelines ----------------------------------------------------------------------------------
+    def get(self, item: Variant | OmniPipe | LoadSpec) -> tuple[LoadedModel, bool]:
+        """Returns the loaded variant and whether this call had to load it."""
+        variant = Variant.of(item)
+        with self._lock:
+            loaded = self._held.get(variant)
             if loaded is not None:
-                self._models.move_to_end(spec)
+                self._held.move_to_end(variant)
                 return loaded, False
-            # A stale entry for the same model (weights re-exported since) is dropped first.
-            same = (spec.folder, spec.dtype, spec.device, spec.transformer_files)
-            for other in [s for s in self._models if (s.folder, s.dtype, s.device, s.transformer_files) == same]:
-                del self._models[other]
-            loaded = self._load(spec)
-            self._models[spec] = loaded
+            # Stale entries for the same model (weights re-exported since) are dropped first.
+            for key in [k for k in self._held if k.spec.same_model(variant.spec) and k.spec != variant.spec]:
+                self._drop(key, "its weights changed on disk")
+            loaded = self._load(variant)
+            # A VAE loaded alone for this model is redundant now.
+            vae_key = VaeKey(variant.spec)
+            if vae_key in self._held:
+                self._drop(vae_key, f"{loaded.label()} brought its own VAE")
+            self._held[variant] = loaded
             return loaded, True
 
-    def _load(self, spec: LoadSpec) -> LoadedModel:
-        source = spec.source
-        replaced = [attr for attr, _ in spec.transformer_files]
-        source.check_weight_files(skip=replaced)
-        if self.before_load is not None:
-            files = sum(Path(path).stat().st_size for _, path in spec.transformer_files)
-            self.before_load(source.weights_bytes(skip=replaced) + files, spec.device)
+    def _load(self, variant: Variant) -> LoadedModel:
+        spec = variant.spec
+        spec.check_files()
+        need = self.device_bytes(variant)
+        self._make_room(variant.label(), need)
         start = time.perf_counter()
+        family = spec.model_family
+        loading = None
         try:
             components = {
-                attr: load_transformer_file(spec.model_family, source, attr, path, spec.torch_dtype)
+                attr: load_transformer_file(family, spec.source, attr, path, spec.torch_dtype)
                 for attr, path in spec.transformer_files
             }
-            pipeline = spec.model_family.load(source, spec.torch_dtype, spec.device, **components)
-        except OmniError:
-            raise
-        except Exception as exc:
-            gc.collect()
-            raise ModelLoadError(f"model: loading '{spec.name}' failed: {exc.__class__.__name__}: {exc}") from exc
+            loading = LoadingModel(spec, family, family.load(spec.source, spec.torch_dtype, **components))
+            del components
+            for entry in variant.entries:
+                entry.prepare(loading)
+            if not loading.placed:
+                loading.pipeline.to(spec.device)
+        except BaseException as exc:
+            loading = None
+            self._fail_load(variant.label(), spec, need, exc)
         seconds = time.perf_counter() - start
         self._loads += 1
-        log.info("Omni Accel: loaded %s (%s, %s) in %.1f s", spec.name, spec.dtype, spec.device, seconds)
-        return LoadedModel(spec=spec, pipeline=pipeline, load_seconds=seconds, load_id=self._loads)
+        log.info("Omni Accel: loaded %s in %.1f s", variant.label(), seconds)
+        return LoadedModel(variant=variant, pipeline=loading.pipeline, load_seconds=seconds, load_id=self._loads,
+                           device_bytes=need, prepared=loading.prepared)
 
-    def adopt(self, spec: LoadSpec, pipeline: Any) -> LoadedModel:
-        """Hold a pipeline built in memory under `spec` (benchmarks of random full-size weights, which would
-        take tens of GB to write to disk and read back)."""
+    @contextmanager
+    def vae(self, item: Variant | OmniPipe | LoadSpec) -> Iterator[torch.nn.Module]:
+        """The VAE of the pipe's model: from a held pipeline of that model if there is one, else loaded alone
+        (the text encoder and transformer are not brought back just to decode)."""
+        variant = Variant.of(item)
+        with self._lock:
+            held = self._held.get(variant)
+            if held is None:
+                held = next((h for k, h in self._held.items() if isinstance(h, LoadedModel) and k.spec == variant.spec),
+                            None)
+            if held is not None:
+                self._held.move_to_end(held.variant)
+                vae = held.pipeline.vae
+            else:
+                vae = self._vae_alone(VaeKey(variant.spec)).vae
+        yield vae
+
+    def _vae_alone(self, key: VaeKey) -> LoadedVae:
+        loaded = self._held.get(key)
+        if loaded is not None:
+            self._held.move_to_end(key)
+            return loaded
+        spec = key.spec
+        float_bytes = DTYPE_BYTES[spec.dtype]
+        need = {spec.device: folder_component_bytes(spec.source, float_bytes).get("vae", 0)}
+        self._make_room(key.label(), need)
+        try:
+            vae = spec.model_family.load_vae(spec.source, spec.torch_dtype).to(spec.device)
+        except BaseException as exc:
+            self._fail_load(key.label(), spec, need, exc)
+        self._loads += 1
+        log.info("Omni Accel: loaded %s (the VAE alone, to decode)", key.label())
+        loaded = LoadedVae(key, vae, self._loads, need)
+        self._held[key] = loaded
+        return loaded
+
+    # --- making room and releasing ------------------------------------------------------------------
+    def _on_device(self, device: str) -> list:
+        return [key for key, held in self._held.items() if held.device_bytes.get(device, 0) > 0 or
+                key.spec.device == device]
+
+    def _make_room(self, label: str, need: dict[str, int]) -> None:
+        for device, nbytes in need.items():
+            while len(self._on_device(device)) >= self.max_per_device:
+                self._drop(self._on_device(device)[0],
+                           f"{label} was loaded and at most {self.max_per_device} pipelines are kept per device")
+            while self.memory.free(device) < nbytes * LOAD_MARGIN and self._on_device(device):
+                self._drop(self._on_device(device)[0],
+                           f"{label} needs about {gib(nbytes)} on {device} and only {gib(self.memory.free(device))} was free")
+                empty_device_caches()
+            if self.before_load is not None:
+                self.before_load(nbytes, device)
+            free = self.memory.free(device)
+            if free < nbytes:
+                raise InvalidInput(
+                    "model",
+                    f"{label} needs about {gib(nbytes)} of weights on {device}, but only {gib(free)} is free there "
+                    "even after releasing every other model.",
+                    "a smaller dtype, FP8 Quantize or a GGUF transformer file, Layerwise Offload, or another device",
+                )
+
+    def _fail_load(self, label: str, spec: LoadSpec, need: dict[str, int], exc: BaseException) -> None:
+        """Cleans up after a failed load and raises what the caller should see."""
+        empty_device_caches()
+        if is_out_of_memory(exc):
+            for device in need:
+                self.release(device, reason=f"out of memory while loading {label}")
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise exc
+            # The host recovers from out-of-memory errors by their type (ComfyUI unloads its models).
+            raise torch.OutOfMemoryError(f"out of memory while loading '{spec.name}' on {spec.device}: {exc}") from exc
+        if isinstance(exc, OmniError) or not isinstance(exc, Exception):
+            raise exc
+        raise ModelLoadError(f"model: loading '{spec.name}' failed: {exc.__class__.__name__}: {exc}") from exc
+
+    def _drop(self, key, reason: str) -> None:
+        held = self._held.pop(key)
+        for device in held.device_bytes or {key.spec.device: 0}:
+            self._releases.append(Release(held.label(), device, reason))
+        log.info("Omni Accel: released %s (%s)", held.label(), reason)
+
+    def release(self, device: str | None = None, reason: str = "released on request") -> list:
+        """Drops every held pipeline and VAE (on `device`, if given) and returns the keys dropped."""
+        with self._lock:
+            dropped = [k for k in self._held if device is None or k in self._on_device(device)]
+            for key in dropped:
+                self._drop(key, reason)
+        if dropped:
+            empty_device_caches()
+        return dropped
+
+    def release_until_free(self, device: str, nbytes: float, reason: str) -> list:
+        """Drops least-recently-used entries on `device` until `nbytes` are free there (or none is left)."""
+        dropped = []
+        with self._lock:
+            while self.memory.free(device) < nbytes and self._on_device(device):
+                key = self._on_device(device)[0]
+                self._drop(key, reason)
+                dropped.append(key)
+                empty_device_caches()
+        return dropped
+
+    # --- what is held ----------------------------------------------------------------------------------
+    def held(self) -> list[dict]:
+        with self._lock:
+            return [{"what": h.label(), "kind": "vae" if isinstance(h, LoadedVae) else "pipeline",
+                     "device": k.spec.device, "bytes": h.device_bytes, "load_id": h.load_id}
+                    for k, h in self._held.items()]
+
+    def loaded_variants(self) -> list:
+        with self._lock:
+            return list(self._held)
+
+    def take_releases(self) -> list[dict]:
+        """Releases since the last call (for the next run report)."""
+        with self._lock:
+            out = [r.describe() for r in self._releases]
+            self._releases.clear()
+        return out
+
+    @property
+    def loads(self) -> int:
+        return self._loads
+
+    def adopt(self, variant: Variant | LoadSpec, pipeline: Any) -> LoadedModel:
+        """Hold a pipeline built in memory (benchmarks of random full-size weights, which would take tens of
+        GB to write to disk and read back)."""
+        variant = Variant.of(variant)
         with self._lock:
             self._loads += 1
-            loaded = LoadedModel(spec=spec, pipeline=pipeline, load_seconds=0.0, load_id=self._loads)
-            self._models[spec] = loaded
+            loaded = LoadedModel(variant=variant, pipeline=pipeline, load_seconds=0.0, load_id=self._loads,
+                                 device_bytes={variant.spec.device: 0})
+            self._held[variant] = loaded
             return loaded
-
-    def loaded_specs(self) -> list[LoadSpec]:
-        with self._lock:
-            return list(self._models)
-
-    def release(self, device: str | None = None) -> list[LoadSpec]:
-        """Drops every loaded model (on `device`, if given) and returns what was dropped."""
-        with self._lock:
-            dropped = [s for s in self._models if device is None or s.device == device]
-            for spec in dropped:
-                del self._models[spec]
-        if dropped:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.info("Omni Accel: released %s", ", ".join(s.name for s in dropped))
-        return dropped

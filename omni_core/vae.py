@@ -14,8 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import DTYPE_BYTES
 from .errors import InvalidInput
 from .families import ModelFamily
+from .memory import gib
+from .recipe import OmniPipe
+from .store import ModelStore
 
 _STRIDE_STYLE = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height", "tile_sample_stride_width")
 _FACTOR_STYLE = ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
@@ -75,10 +79,9 @@ def vae_settings(vae, options: DecodeOptions) -> Iterator[None]:
             setattr(vae, name, value)
 
 
-def decode(family: ModelFamily, pipeline, samples: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
+def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
     """LATENT samples -> ComfyUI IMAGE (B, H, W, C) float in [0, 1] (video: frames as the batch)."""
-    vae = pipeline.vae
-    expected = family.latent_channels(pipeline)
+    expected = family.latent_channels(vae)
     if samples.shape[1] != expected:
         raise InvalidInput(
             "latent",
@@ -86,7 +89,39 @@ def decode(family: ModelFamily, pipeline, samples: torch.Tensor, options: Decode
             f"it was not made by a Sampler on this model.",
         )
     check_options(vae, options)
-    z = family.latent_to_vae_input(pipeline, samples.to(vae.device, vae.dtype))
+    z = family.latent_to_vae_input(samples.to(vae.device, vae.dtype))
     with vae_settings(vae, options), torch.no_grad():
         decoded = vae.decode(z, return_dict=False)[0]
-    return family.vae_output_to_images(pipeline, decoded)
+    return family.vae_output_to_images(decoded)
+
+
+def decode_floor_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_bytes: int) -> int:
+    """The least memory a decode needs on the VAE's device: the decoded pixels, plus the decoder's last
+    feature map at full resolution for the rows (and the tile) decoded at once. A floor, never an estimate
+    of the whole: refusing above it is never wrong."""
+    ratio = spatial_compression(vae)
+    batch, height, width = samples.shape[0], samples.shape[-2] * ratio, samples.shape[-1] * ratio
+    frames = 1
+    if samples.ndim == 5:
+        frames = (samples.shape[2] - 1) * 2 ** sum(vae.config.temperal_downsample) + 1
+    config = vae.config
+    channels = config.get("base_dim") or config["block_out_channels"][0]
+    area = min(height * width, options.tile_size**2) if options.tiling else height * width
+    rows = 1 if options.slicing else batch
+    return batch * frames * height * width * 3 * float_bytes + rows * area * channels * float_bytes
+
+
+def decode_latent(pipe: OmniPipe, samples: torch.Tensor, options: DecodeOptions, store: ModelStore) -> torch.Tensor:
+    """The VAE Tiled Decode node's work: check the memory floor, get the VAE (alone if the pipeline is not
+    held), decode."""
+    spec = pipe.spec
+    with store.vae(pipe) as vae:
+        floor = decode_floor_bytes(vae, samples, options, DTYPE_BYTES[spec.dtype])
+        free = store.memory.free(spec.device)
+        if floor > free:
+            raise InvalidInput(
+                "latent", f"decoding {tuple(samples.shape)} needs at least {gib(floor)} on {spec.device} (the decoded "
+                f"pixels and the decoder's full-resolution features), but only {gib(free)} is free there.",
+                "tiling on with a smaller tile_size, slicing on, or a smaller latent",
+            )
+        return decode(spec.model_family, vae, samples, options)

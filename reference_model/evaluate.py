@@ -29,7 +29,7 @@ def generate_scenes(pipe: OmniPipe, scenes: list[Scene], store: ModelStore, step
         request = GenerationRequest(prompt=scene.caption, negative_prompt="", seed=seed + i, steps=steps, cfg=cfg,
                                     width=64, height=64)
         latent = generate(pipe, request, store).latent
-        image = decode(loaded.family, loaded.pipeline, latent, DecodeOptions(tiling=False))[0]
+        image = decode(loaded.family, loaded.pipeline.vae, latent, DecodeOptions(tiling=False))[0]
         images.append(np.clip(np.round(255.0 * image.numpy()), 0, 255).astype(np.uint8))
     return images
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-from omni_core.tiny_models.qwen_image import qwen_scheduler, qwen_text_encoder
-from omni_core.tiny_models.tokenizer import build_qwen_tokenizer
+from tools.tiny_models.qwen_image import qwen_scheduler, qwen_text_encoder
+from tools.tiny_models.tokenizer import build_qwen_tokenizer
 
 from .shapes import render, split
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", module="diffusers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from omni_core.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
+from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 
 MODELS_CACHE = ROOT / ".build" / "test-models"
 

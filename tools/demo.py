@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omni_core.tiny_models import build_models  # noqa: E402
+from tools.tiny_models import build_models  # noqa: E402
 from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "qwen_image_api.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omni_core.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
+from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 from tools.comfy_harness import BUILD, comfyui_command, extra_model_paths_yaml, prepare_base_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import IncompatibleStack, InvalidInput
+from ..families import FAMILIES
 from ..recipe import Accelerator
 
 log = logging.getLogger("omni_accel")
@@ -101,8 +102,6 @@ class CacheDiT(Accelerator):
     def check_model(self, spec) -> None:
         family = spec.model_family
         if not family.cache_dit:
-            from ..families import FAMILIES
-
             supported = [f.name for f in FAMILIES if f.cache_dit]
             raise IncompatibleStack(f"Cache-DiT does not support {spec.family} models. Supported: {', '.join(supported)}.")
         blocks = family.block_count(spec.source)
@@ -167,7 +166,8 @@ class CacheDiT(Accelerator):
                                            calibrator_config=calibrator)
                     enabled.append(transformer)
             yield
-            self._report(run, denoisers, steps, separate_cfg)
+            with run.report.writing("Cache-DiT"):
+                self._report(run, denoisers, steps, separate_cfg)
         finally:
             with quiet_cache_dit():
                 for transformer in enabled:

@@ -23,7 +23,8 @@ from ..block_hooks import bound_arguments, hooked_blocks
 from ..recipe import Accelerator, OmniPipe
 from ..request import GenerationRequest
 from ..runtime import generate
-from ..store import LoadSpec, ModelStore
+from ..spec import LoadSpec
+from ..store import ModelStore
 from .support import CallPositions
 from .teacache import relative_l1
 
@@ -46,7 +47,7 @@ class SignalRecorder(Accelerator):
 
     @contextmanager
     def applied(self, run) -> Iterator[None]:
-        support = run.family.teacache
+        support = run.family.step_signal
         with ExitStack() as stack:
             for denoiser in run.denoisers().values():
                 blocks = run.family.transformer_blocks(denoiser)
@@ -66,7 +67,7 @@ class _Recording:
     def on_block(self, block, original_forward, args, kwargs):
         if block is self.first:
             self._key = self.positions.next(self.run.steps_done)
-            self._signal = self.support.signal(block, bound_arguments(block, args, kwargs)).detach()
+            self._signal = self.support.read(block, bound_arguments(block, args, kwargs)).detach()
         output = original_forward(*args, **kwargs)
         if block is self.last:
             stack_output = self.support.block_io.stream_out(output).detach()
@@ -106,7 +107,7 @@ def calibrate(folder: str, prompts=DEFAULT_PROMPTS, steps: int = 30, cfg: float 
     store = store or ModelStore()
     spec = LoadSpec.create(folder, None, dtype, device)
     family = spec.model_family
-    if family.teacache is None:
+    if family.step_signal is None:
         raise ValueError(f"{spec.family} models have no TeaCache signal to calibrate")
     size = family.size_multiple(spec.source) * 8
     recorder = SignalRecorder()

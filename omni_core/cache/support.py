@@ -1,34 +1,6 @@
-"""What a family declares for TeaCache: the signal to watch, the block I/O, and a coefficient table."""
+"""What the caches share: which branch a transformer call belongs to."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch
-
-from ..block_hooks import BlockIO
-
-# (first block, its bound forward arguments) -> the signal TeaCache compares between steps
-SignalFn = Callable[[torch.nn.Module, dict], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Coefficients:
-    values: tuple[float, ...]  # highest power first, as numpy.polyval takes them
-    source: str  # where the table comes from; shown in the report
-
-
-@dataclass(frozen=True)
-class TeaCacheSupport:
-    signal: SignalFn
-    block_io: BlockIO
-    coefficients: Coefficients
-    # Tables for specific model depths (number of transformer blocks), e.g. Wan 1.3B vs 14B.
-    by_depth: dict[int, Coefficients] = field(default_factory=dict)
-
-    def coefficients_for(self, depth: int) -> Coefficients:
-        return self.by_depth.get(depth, self.coefficients)
 
 
 class CallPositions:

@@ -26,8 +26,10 @@ import torch
 
 from ..block_hooks import bound_arguments, hooked_blocks
 from ..errors import IncompatibleStack, InvalidInput
+from ..families import FAMILIES
+from ..families.facts import Coefficients, StepSignal
 from ..recipe import Accelerator
-from .support import CallPositions, Coefficients, TeaCacheSupport
+from .support import CallPositions
 
 log = logging.getLogger("omni_accel")
 
@@ -95,20 +97,18 @@ class TeaCache(Accelerator):
                                "-1 (no bound) or 0 and up")
 
     def check_model(self, spec) -> None:
-        if spec.model_family.teacache is None:
-            from ..families import FAMILIES
-
-            supported = [f.name for f in FAMILIES if f.teacache is not None]
+        if spec.model_family.step_signal is None:
+            supported = [f.name for f in FAMILIES if f.step_signal is not None]
             raise IncompatibleStack(f"TeaCache does not support {spec.family} models. Supported: {', '.join(supported)}.")
 
-    def table(self, support: TeaCacheSupport, depth: int) -> Coefficients:
+    def table(self, support: StepSignal, depth: int) -> Coefficients:
         if self.coefficients is not None:
             return Coefficients(self.coefficients, "the node's coefficients input")
         return support.coefficients_for(depth)
 
     @contextmanager
     def applied(self, run) -> Iterator[None]:
-        support = run.family.teacache
+        support = run.family.step_signal
         controllers = []
         with ExitStack() as stack:
             for name, denoiser in run.denoisers().items():
@@ -119,7 +119,8 @@ class TeaCache(Accelerator):
             try:
                 yield
             finally:
-                write_report(self, controllers, run)
+                with run.report.writing("TeaCache"):
+                    write_report(self, controllers, run)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class CallState:
 class TeaCacheController:
     """Decides per transformer call and applies the decision through the block hooks of one denoiser."""
 
-    def __init__(self, config: TeaCache, support: TeaCacheSupport, table: Coefficients, run, denoiser: str, blocks):
+    def __init__(self, config: TeaCache, support: StepSignal, table: Coefficients, run, denoiser: str, blocks):
         self.config = config
         self.support = support
         self.table = table
@@ -183,7 +184,7 @@ class TeaCacheController:
         state = self.states.setdefault(self.positions.next(step), CallState())
         self._active = state
         self._stack_input = self.support.block_io.stream_in(arguments)
-        signal = self.support.signal(block, arguments).detach()
+        signal = self.support.read(block, arguments).detach()
         rows = signal.shape[0]
         if state.accumulated is None or state.accumulated.shape[0] != rows:
             state.accumulated = torch.zeros(rows)

@@ -1,4 +1,9 @@
-"""What every model family module declares. One subclass per family; nothing family-specific elsewhere."""
+"""What every model family module declares. One subclass per family; nothing family-specific elsewhere.
+
+A family states facts about its model (see facts.py): the block lists, where a step-skipping cache reads
+its signal, the layers that must keep full precision, head counts, how the pipeline calls the transformer
+per step, and the order components are used in. It imports no accelerator; accelerators read the facts.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ from typing import Any, ClassVar
 import diffusers
 import torch
 
-from ..cache.support import TeaCacheSupport
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
+from .facts import FINAL, NORM, PrecisionSensitive, StepSignal
 
 # Why a family-specific Sampler input does not apply, completing "<input> ignored: <family> models ...".
 _WHY_IGNORED = {
@@ -20,6 +25,9 @@ _WHY_IGNORED = {
     "guidance": "have no distilled guidance embedding (Flux dev only)",
     "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
 }
+
+# Pipeline components that encode the prompt (or input images), in the order pipelines use them.
+ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
 @dataclass
@@ -42,29 +50,45 @@ class ModelFamily:
     denoiser_attrs: ClassVar[tuple[str, ...]] = ("transformer",)
     # The pipeline's name for "outputs per prompt".
     batch_argument: ClassVar[str] = "num_images_per_prompt"
-    # True when the pipeline runs the prompt and the negative prompt as one batched transformer pass.
+    # CFG layout: True when the pipeline runs the prompt and the negative prompt as one batched
+    # transformer call (batch rows), False when it calls the transformer once per branch.
     cfg_batched: ClassVar[bool] = False
     # Video families keep LATENT samples 5-D (B, C, T, H, W) and return frames as the IMAGE batch.
     video: ClassVar[bool] = False
     # Single-file layouts besides diffusers' own keys (see layouts.py).
     single_file_layouts: ClassVar[tuple] = ()
-    # What TeaCache watches in this family's blocks (None: TeaCache not supported).
-    teacache: ClassVar[TeaCacheSupport | None] = None
-    # Whether cache-dit has a block adapter for this family's transformer.
-    cache_dit: ClassVar[bool] = True
-    # transformer config keys whose sum is the number of blocks (see transformer_blocks)
+    # Transformer attributes holding the repeated blocks, in execution order (the units a cache skips
+    # and an offloader streams).
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
+    # transformer config keys whose sum is the number of blocks (see block_count)
     block_count_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
+    # transformer config key holding the number of attention heads
+    heads_key: ClassVar[str] = "num_attention_heads"
+    # Where the step-to-step change of a transformer call's input shows (None: not known for this family).
+    step_signal: ClassVar[StepSignal | None] = None
+    # Whether the cache-dit library has a block adapter for this family's transformer.
+    cache_dit: ClassVar[bool] = True
+    # Transformer modules that must keep full precision (matched on qualified names).
+    precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
 
     def pipeline_class(self, source: ModelSource) -> type:
         return getattr(diffusers, source.pipeline_class_name)
 
-    def load(self, source: ModelSource, dtype: torch.dtype, device: str, **components):
-        """`components` replace folder components (e.g. a transformer loaded from a single file)."""
+    def load(self, source: ModelSource, dtype: torch.dtype, **components):
+        """Loads the pipeline into CPU memory; `components` replace folder components (e.g. a transformer
+        loaded from a single file). Placement on the device is the store's job."""
         pipeline = self.pipeline_class(source).from_pretrained(
             str(source.folder), dtype=dtype, local_files_only=True, **components
         )
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
+        return pipeline
+
+    def load_vae(self, source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
+        """The VAE alone, for decoding when the rest of the pipeline is not in memory."""
+        class_name = source.model_index["vae"][1]
+        return getattr(diffusers, class_name).from_pretrained(
+            str(source.folder), subfolder="vae", dtype=dtype, local_files_only=True
+        ).eval()
 
     # --- requests -------------------------------------------------------------------------------
     def size_multiple(self, source: ModelSource) -> int:
@@ -109,6 +133,13 @@ class ModelFamily:
         """The family's guidance arguments for the pipeline (and notes on inputs that did not apply)."""
         raise NotImplementedError
 
+    def transformer_calls_per_step(self, request: GenerationRequest) -> int:
+        return 2 if request.cfg > 1 and not self.cfg_batched else 1
+
+    def rows_per_call(self, request: GenerationRequest) -> int:
+        """Batch rows of one transformer call: batched CFG doubles them."""
+        return request.batch_size * (2 if request.cfg > 1 and self.cfg_batched else 1)
+
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         cfg_on = request.cfg > 1
         notes = []
@@ -126,61 +157,90 @@ class ModelFamily:
             "output_type": "latent",
             **guidance,
         }
-        per_step = 2 if cfg_on and not self.cfg_batched else 1
-        return PipelineCall(kwargs, notes + guidance_notes, transformer_calls_per_step=per_step)
+        return PipelineCall(kwargs, notes + guidance_notes, self.transformer_calls_per_step(request))
+
+    # --- sizes, from the config (no weights loaded) -------------------------------------------------
+    def block_count(self, source: ModelSource) -> int:
+        """Blocks per denoiser."""
+        config = source.component_config("transformer")
+        return sum(config[key] for key in self.block_count_keys)
+
+    def attention_heads(self, source: ModelSource) -> int:
+        return int(source.component_config("transformer")[self.heads_key])
+
+    def hidden_size(self, source: ModelSource) -> int:
+        """Width of the token stream the blocks work on."""
+        config = source.component_config("transformer")
+        return int(config["num_attention_heads"] * config["attention_head_dim"])
+
+    def latent_frames(self, source: ModelSource, request: GenerationRequest) -> int:
+        return 1
+
+    def image_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
+        """Image (or video) tokens per batch row of one transformer call."""
+        multiple = self.size_multiple(source)
+        return (request.height // multiple) * (request.width // multiple) * self.latent_frames(source, request)
 
     # --- latents and decoding -------------------------------------------------------------------
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         """The pipeline's `output_type="latent"` result -> ComfyUI LATENT samples in the VAE's own space."""
         raise NotImplementedError
 
-    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
+    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """Unpacked model-space latents (what the transformer denoises) -> VAE latent space."""
         raise NotImplementedError
 
-    def latent_to_vae_input(self, pipeline, samples: torch.Tensor) -> torch.Tensor:
+    def latent_to_vae_input(self, samples: torch.Tensor) -> torch.Tensor:
         return samples
 
-    def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
+    def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
         """VAE output in [-1, 1] -> ComfyUI IMAGE (B, H, W, C) in [0, 1], as the pipeline's postprocess does."""
         return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
 
-    def latent_channels(self, pipeline) -> int:
-        return pipeline.vae.config.latent_channels
+    def latent_channels(self, vae) -> int:
+        return vae.config.latent_channels
 
     # --- structure, for probes and accelerators ---------------------------------------------------
     def denoisers(self, pipeline) -> dict[str, torch.nn.Module]:
         return {attr: getattr(pipeline, attr) for attr in self.denoiser_attrs if getattr(pipeline, attr, None) is not None}
 
     def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        raise NotImplementedError
+        return [block for attr in self.block_lists for block in getattr(transformer, attr)]
 
-    def block_count(self, source: ModelSource) -> int:
-        """Blocks per denoiser, from the config (no weights loaded)."""
-        config = source.component_config("transformer")
-        return sum(config[key] for key in self.block_count_keys)
+    def components_in_order_of_use(self, pipeline) -> list[str]:
+        """Module components as a run uses them: encoders, then the denoiser(s), then the VAE."""
+        present = [name for name, value in pipeline.components.items() if isinstance(value, torch.nn.Module)]
+        order = [*ENCODER_COMPONENTS, *self.denoiser_attrs, "vae"]
+        return [name for name in order if name in present] + [name for name in present if name not in order]
 
     def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
         """How many denoising steps each denoiser runs."""
         return {"transformer": request.steps}
 
 
-def mean_std_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
+def mean_std_latent(vae, latents: torch.Tensor) -> torch.Tensor:
     """Wan-style VAEs (Qwen-Image, Wan): model latents -> VAE latents with the VAE's per-channel statistics,
     written as their pipelines do (divide by 1/std) so the result is bit-identical."""
-    latents = latents.to(pipeline.vae.dtype)
-    config = pipeline.vae.config
+    latents = latents.to(vae.dtype)
+    config = vae.config
     shape = (1, config.z_dim) + (1,) * (latents.ndim - 2)
     mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
     return latents / inv_std + mean
 
 
-def scaled_shifted_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
+def scaled_shifted_latent(vae, latents: torch.Tensor) -> torch.Tensor:
     """AutoencoderKL families (Flux, Z-Image): model latents -> VAE latents, as their pipelines decode."""
-    return latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
+    return latents / vae.config.scaling_factor + vae.config.shift_factor
 
 
 def kl_size_multiple(source: ModelSource) -> int:
     """AutoencoderKL downscale (2 per down block after the first) x the 2x2 patch."""
     return 2 ** (len(source.component_config("vae")["block_out_channels"]) - 1) * 2
+
+
+# Layers of the common DiT layout that keep full precision; families add their own names.
+COMMON_PRECISION_SENSITIVE = (
+    PrecisionSensitive(r"(^|\.)norm", NORM),
+    PrecisionSensitive(r"^proj_out$", FINAL),
+)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..layouts import FLUX_BFL
 from ..request import GenerationRequest
 from ..source import ModelSource
-from ..block_hooks import BlockIO
-from ..cache.support import Coefficients, TeaCacheSupport
-from ..layouts import FLUX_BFL
-from .base import ModelFamily, kl_size_multiple, scaled_shifted_latent
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
+from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
 
 def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
@@ -26,14 +25,21 @@ class FluxFamily(ModelFamily):
     )
     uses = frozenset({"guidance"})
     single_file_layouts = (FLUX_BFL,)
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     block_count_keys = ("num_layers", "num_single_layers")
-    teacache = TeaCacheSupport(
-        signal=_flux_modulated_input,
+    step_signal = StepSignal(
+        read=_flux_modulated_input,
         block_io=BlockIO("hidden_states", 1, "encoder_hidden_states", 0),
         coefficients=Coefficients(
             (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01),
             "TeaCache paper / TeaCache4FLUX (FLUX.1-dev), the table vLLM-Omni ships",
         ),
+    )
+    precision_sensitive = (
+        PrecisionSensitive(r"\.norm1(_context)?\.linear$|^single_transformer_blocks\.\d+\.norm\.linear$|^norm_out\.",
+                           MODULATION),
+        PrecisionSensitive(r"^time_text_embed\.|^context_embedder$|^x_embedder$", EMBEDDING),
+        *COMMON_PRECISION_SENSITIVE,
     )
 
     def size_multiple(self, source: ModelSource) -> int:
@@ -45,12 +51,9 @@ class FluxFamily(ModelFamily):
             notes.append("guidance ignored: this Flux model (schnell layout) has no guidance embedding")
         return {"true_cfg_scale": request.cfg, "guidance_scale": request.guidance}, notes
 
-    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
-        return scaled_shifted_latent(pipeline, latents)
+    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return scaled_shifted_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        return scaled_shifted_latent(pipeline, latents)
-
-    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        return scaled_shifted_latent(pipeline.vae, latents)

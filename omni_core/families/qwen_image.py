@@ -8,20 +8,16 @@ import diffusers
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
-from ..block_hooks import BlockIO
-from ..cache.support import Coefficients, TeaCacheSupport
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
-from .base import ModelFamily, PipelineCall, mean_std_latent
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, mean_std_latent
+from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
 _TRUE_CFG = (
     "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
     "1 or less turns CFG off"
 )
-
-
-
 
 def _qwen_modulated_input(block, arguments: dict) -> torch.Tensor:
     """The image stream after the first block's norm1 + modulation (what its attention receives)."""
@@ -30,8 +26,8 @@ def _qwen_modulated_input(block, arguments: dict) -> torch.Tensor:
     return block._modulate(normed, img_mod1, arguments.get("modulate_index"))[0]
 
 
-_QWEN_TEACACHE = TeaCacheSupport(
-    signal=_qwen_modulated_input,
+_QWEN_STEP_SIGNAL = StepSignal(
+    read=_qwen_modulated_input,
     block_io=BlockIO("hidden_states", 1, "encoder_hidden_states", 0),
     coefficients=Coefficients(
         (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
@@ -44,7 +40,12 @@ class QwenImageFamily(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
     cfg_meaning = _TRUE_CFG
-    teacache = _QWEN_TEACACHE
+    step_signal = _QWEN_STEP_SIGNAL
+    precision_sensitive = (
+        PrecisionSensitive(r"\.(img|txt)_mod\.|^norm_out\.", MODULATION),
+        PrecisionSensitive(r"^time_text_embed\.|^img_in$|^txt_in$", EMBEDDING),
+        *COMMON_PRECISION_SENSITIVE,
+    )
 
     def size_multiple(self, source: ModelSource) -> int:
         # Latents are 2x2-patched, so sizes must divide VAE downscale x 2.
@@ -54,25 +55,22 @@ class QwenImageFamily(ModelFamily):
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"true_cfg_scale": request.cfg}, []
 
-    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
-        return mean_std_latent(pipeline, latents)
+    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return mean_std_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        return mean_std_latent(pipeline, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
+        return mean_std_latent(pipeline.vae, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
 
-    def latent_to_vae_input(self, pipeline, samples: torch.Tensor) -> torch.Tensor:
+    def latent_to_vae_input(self, samples: torch.Tensor) -> torch.Tensor:
         return samples.unsqueeze(2)
 
-    def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
-        return super().vae_output_to_images(pipeline, decoded[:, :, 0])
+    def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
+        return super().vae_output_to_images(decoded[:, :, 0])
 
-    def latent_channels(self, pipeline) -> int:
-        return pipeline.vae.config.z_dim
-
-    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(transformer.transformer_blocks)
+    def latent_channels(self, vae) -> int:
+        return vae.config.z_dim
 
 
 class QwenImageEditFamily(QwenImageFamily):

@@ -7,12 +7,11 @@ import copy
 import torch
 
 from ..errors import InvalidInput
+from ..layouts import WAN_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
-from ..block_hooks import BlockIO
-from ..cache.support import Coefficients, TeaCacheSupport
-from ..layouts import WAN_ORIGINAL
-from .base import ModelFamily, mean_std_latent
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, mean_std_latent
+from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
 
 _WAN_1_3B = Coefficients(
@@ -44,11 +43,18 @@ class WanFamily(ModelFamily):
     batch_argument = "num_videos_per_prompt"
     video = True
     single_file_layouts = (WAN_ORIGINAL,)
-    teacache = TeaCacheSupport(
-        signal=_wan_timestep_projection,
+    block_lists = ("blocks",)
+    step_signal = StepSignal(
+        read=_wan_timestep_projection,
         block_io=BlockIO("hidden_states"),
         coefficients=_WAN_1_3B,
         by_depth={30: _WAN_1_3B, 40: _WAN_14B},
+    )
+    precision_sensitive = (
+        # time_proj turns the timestep embedding into every block's shift/scale/gate vectors.
+        PrecisionSensitive(r"^condition_embedder\.time_proj$", MODULATION),
+        PrecisionSensitive(r"^condition_embedder\.|^patch_embedding", EMBEDDING),
+        *COMMON_PRECISION_SENSITIVE,
     )
 
     @staticmethod
@@ -59,6 +65,9 @@ class WanFamily(ModelFamily):
         vae = source.component_config("vae")
         patch = source.component_config("transformer")["patch_size"]
         return 2 ** len(vae["temperal_downsample"]) * patch[1]
+
+    def latent_frames(self, source: ModelSource, request: GenerationRequest) -> int:
+        return (request.num_frames - 1) // self.temporal_factor(source) + 1
 
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         super().check_request(source, request)
@@ -93,19 +102,16 @@ class WanFamily(ModelFamily):
             "num_frames": request.num_frames,
         }, notes
 
-    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
-        return mean_std_latent(pipeline, latents)
+    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return mean_std_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        return mean_std_latent(pipeline, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
+        return mean_std_latent(pipeline.vae, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
 
-    def vae_output_to_images(self, pipeline, decoded: torch.Tensor) -> torch.Tensor:
+    def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
         """(B, C, F, H, W) -> frames as an IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""
         frames = decoded.permute(0, 2, 1, 3, 4).flatten(0, 1)
-        return super().vae_output_to_images(pipeline, frames)
+        return super().vae_output_to_images(frames)
 
-    def latent_channels(self, pipeline) -> int:
-        return pipeline.vae.config.z_dim
-
-    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(transformer.blocks)
+    def latent_channels(self, vae) -> int:
+        return vae.config.z_dim

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..layouts import Z_IMAGE_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
-from ..block_hooks import BlockIO
-from ..cache.support import Coefficients, TeaCacheSupport
-from ..layouts import Z_IMAGE_ORIGINAL
-from .base import ModelFamily, kl_size_multiple, scaled_shifted_latent
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
+from .facts import EMBEDDING, FINAL, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
 
 def _z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
@@ -23,14 +22,22 @@ class ZImageFamily(ModelFamily):
     pipeline_classes = ("ZImagePipeline",)
     cfg_batched = True
     single_file_layouts = (Z_IMAGE_ORIGINAL,)
+    block_lists = ("layers",)
     block_count_keys = ("n_layers",)
-    teacache = TeaCacheSupport(
-        signal=_z_image_modulated_input,
+    heads_key = "n_heads"
+    step_signal = StepSignal(
+        read=_z_image_modulated_input,
         block_io=BlockIO("x"),
         coefficients=Coefficients(
             (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
             "Qwen-Image's table, as vLLM-Omni uses for Z-Image (not fitted on Z-Image: calibrate for best results)",
         ),
+    )
+    precision_sensitive = (
+        PrecisionSensitive(r"adaLN_modulation", MODULATION),
+        PrecisionSensitive(r"^t_embedder\.|^cap_embedder\.|^all_x_embedder\.", EMBEDDING),
+        PrecisionSensitive(r"^all_final_layer\.", FINAL),
+        *COMMON_PRECISION_SENSITIVE,
     )
     cfg_meaning = (
         "guidance_scale = cfg - 1 (diffusers' Z-Image scale is relative: cfg 1 = guidance_scale 0 = CFG off, "
@@ -40,14 +47,14 @@ class ZImageFamily(ModelFamily):
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)
 
+    def hidden_size(self, source: ModelSource) -> int:
+        return int(source.component_config("transformer")["dim"])
+
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"guidance_scale": request.cfg - 1 if request.cfg > 1 else 0.0}, []
 
-    def model_to_vae_space(self, pipeline, latents: torch.Tensor) -> torch.Tensor:
-        return scaled_shifted_latent(pipeline, latents)
+    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return scaled_shifted_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        return scaled_shifted_latent(pipeline, output.to(pipeline.vae.dtype))
-
-    def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(transformer.layers)
+        return scaled_shifted_latent(pipeline.vae, output.to(pipeline.vae.dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 EXPECTED_INPUTS = {
@@ -43,6 +44,12 @@ def _inputs(info: dict) -> dict:
     return {**info["input"]["required"], **info["input"].get("optional", {})}
 
 
+def _options(spec) -> list:
+    """A combo's choices: V3 nodes send ("COMBO", {"options": [...]}) where V1 sent the list itself."""
+    assert spec[0] == "COMBO", spec
+    return spec[1]["options"]
+
+
 def test_pack_nodes_and_only_those(comfy):
     object_info = comfy.get_json("/object_info")
     ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
@@ -61,7 +68,7 @@ def test_inputs_types_defaults_and_tooltips(comfy):
         for input_name, kind in expected.items():
             spec = inputs[input_name]
             if kind == "COMBO":
-                assert isinstance(spec[0], list) and spec[0], input_name
+                assert _options(spec), input_name
             else:
                 assert spec[0] == kind, input_name
             assert len(spec[1]["tooltip"]) > 15, f"{name}.{input_name} needs a tooltip"
@@ -70,16 +77,16 @@ def test_inputs_types_defaults_and_tooltips(comfy):
 
 def test_defaults(comfy):
     loader = _inputs(comfy.get_json("/object_info/OmniLoader")["OmniLoader"])
-    assert "tiny-qwen-image" in loader["model"][0]
-    assert loader["dtype"][0] == ["auto", "bf16", "fp16", "fp32"] and loader["dtype"][1]["default"] == "auto"
-    assert loader["device"][0][:2] == ["auto", "cpu"] and loader["device"][1]["default"] == "auto"
+    assert "tiny-qwen-image" in _options(loader["model"])
+    assert _options(loader["dtype"]) == ["auto", "bf16", "fp16", "fp32"] and loader["dtype"][1]["default"] == "auto"
+    assert _options(loader["device"])[:2] == ["auto", "cpu"] and loader["device"][1]["default"] == "auto"
     sampler = _inputs(comfy.get_json("/object_info/OmniSampler")["OmniSampler"])
     assert sampler["steps"][1]["default"] == 20 and sampler["steps"][1]["min"] == 1
     assert sampler["cfg"][1]["default"] == 4.0
     for family_parameter in ("true_cfg_scale", "guidance_scale = cfg - 1", "guidance_scale:"):
         assert family_parameter in sampler["cfg"][1]["tooltip"], "cfg tooltip must say what it maps to per family"
     assert (sampler["num_frames"][1]["default"], sampler["guidance"][1]["default"], sampler["cfg_2"][1]["default"]) == (81, 3.5, -1.0)
-    assert loader["transformer_file"][0][0] == "none" and loader["transformer_file"][1]["default"] == "none"
+    assert _options(loader["transformer_file"])[0] == "none" and loader["transformer_file"][1]["default"] == "none"
     assert sampler["width"][1]["default"] == sampler["height"][1]["default"] == 1024
     decode = _inputs(comfy.get_json("/object_info/OmniVAETiledDecode")["OmniVAETiledDecode"])
     assert decode["tiling"][1]["default"] is True and decode["slicing"][1]["default"] is False
@@ -102,8 +109,8 @@ def test_cache_dit_defaults_are_vllm_omnis(comfy):
         "max_continuous_cached_steps": 3, "max_cached_steps": -1, "enable_taylorseer": False, "taylorseer_order": 1,
         "scm_steps_mask_policy": "none", "scm_steps_policy": "dynamic",
     }
-    assert inputs["scm_steps_mask_policy"][0] == ["none", "slow", "medium", "fast", "ultra"]
-    assert inputs["scm_steps_policy"][0] == ["dynamic", "static"]
+    assert _options(inputs["scm_steps_mask_policy"]) == ["none", "slow", "medium", "fast", "ultra"]
+    assert _options(inputs["scm_steps_policy"]) == ["dynamic", "static"]
 
 
 def test_pack_imported_without_errors(comfy):
@@ -115,3 +122,33 @@ def test_pack_imported_without_errors(comfy):
     for block in startup.split("Traceback (most recent call last):")[1:]:
         block = block.split("\n\n")[0]
         assert "comfyui-omni-accel" not in block and "omni_core" not in block, block
+
+
+def test_nodes_are_v3_and_registered_through_the_extension():
+    """The pack registers through comfy_entrypoint (V3 nodes); a NODE_CLASS_MAPPINGS would bypass it."""
+    import subprocess
+
+    from tools.comfy_harness import BUILD, ROOT
+
+    script = f"""
+import asyncio, importlib.util, json, sys
+sys.path.insert(0, {str(BUILD / "comfyui")!r})
+from comfy.cli_args import args
+args.cpu = True
+from comfy_api.latest import ComfyExtension, io
+spec = importlib.util.spec_from_file_location("omni_pack", {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["omni_pack"] = pack
+spec.loader.exec_module(pack)
+extension = asyncio.run(pack.comfy_entrypoint())
+nodes = asyncio.run(extension.get_node_list())
+print(json.dumps({{"v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS"), "extension": isinstance(extension, ComfyExtension),
+                  "v3": all(issubclass(n, io.ComfyNode) for n in nodes),
+                  "ids": sorted(n.define_schema().node_id for n in nodes)}}))
+"""
+    out = subprocess.run([str(BUILD / "venv" / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                         cwd=str(BUILD / "comfyui"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"v1_mappings": False, "extension": True, "v3": True, "ids": sorted(EXPECTED_INPUTS)}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate
-from omni_core.tiny_models import reference_model_folder
+from tools.tiny_models import reference_model_folder
 
 
 @pytest.mark.parametrize("model, extra", [("tiny-qwen-image", {}), ("tiny-flux", {}), ("tiny-wan21", {"num_frames": 5})])
@@ -30,7 +30,7 @@ def test_final_preview_resembles_the_decoded_picture():
                                 width=64, height=64)
     result = generate(pipe, request, store, on_step=lambda d, t, image: previews.append(image), previews=True)
     loaded, _ = store.get(pipe.spec)
-    image = decode(loaded.family, loaded.pipeline, result.latent, DecodeOptions(tiling=False))[0].numpy()
+    image = decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))[0].numpy()
     small = image.reshape(16, 4, 16, 4, 3).mean(axis=(1, 3)) * 255  # the decoded picture at preview size
     preview = np.asarray(previews[-1], dtype=np.float64)
     assert preview.shape == small.shape

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omni_core import LoadSpec
-from omni_core.tiny_models import reference_model_folder
+from tools.tiny_models import reference_model_folder
 from reference_model.shapes import accuracy, all_scenes, read, render, split
 
 

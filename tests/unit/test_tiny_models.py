@@ -1,7 +1,7 @@
 import hashlib
 
-from omni_core.tiny_models import build_model
-from omni_core.tiny_models.tokenizer import QWEN_IMAGE_TEMPLATE, build_qwen_tokenizer
+from tools.tiny_models import build_model
+from tools.tiny_models.tokenizer import QWEN_IMAGE_TEMPLATE, build_qwen_tokenizer
 
 
 def test_template_prefix_is_34_tokens_like_the_real_tokenizer():

@@ -1,4 +1,4 @@
-"""python -m omni_core.tiny_models DIFFUSERS_DIR [NAME ...]: build small offline models into a folder."""
+"""python -m tools.tiny_models DIFFUSERS_DIR [NAME ...]: build small offline models into a folder."""
 
 import argparse
 
