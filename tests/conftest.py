@@ -35,6 +35,8 @@ def comfy(tmp_path_factory, model_dirs):
     diffusers_dir.mkdir(parents=True)
     for name, path in model_dirs.items():
         (diffusers_dir / name).symlink_to(path, target_is_directory=True)
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
     server = ComfyServer(base, extra_args=["--preview-method", "auto"]).start()
     yield server
     server.stop()

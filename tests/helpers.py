@@ -113,3 +113,27 @@ def counting_block_passes(store, pipe):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_in_comfyui(script: str, timeout: float = 300) -> str:
+    """Runs a Python script in a fresh process with ComfyUI importable (CPU mode) and this pack loaded as
+    `omni_pack`; returns its stdout. For checks of the pack's ComfyUI glue that need no server."""
+    import subprocess
+
+    from tools.comfy_harness import BUILD
+
+    prelude = f"""
+import importlib.util, sys
+sys.path.insert(0, {str(BUILD / "comfyui")!r})
+from comfy.cli_args import args
+args.cpu = True
+spec = importlib.util.spec_from_file_location("omni_pack", {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["omni_pack"] = pack
+spec.loader.exec_module(pack)
+"""
+    out = subprocess.run([str(BUILD / "venv" / "bin" / "python"), "-c", prelude + script], capture_output=True,
+                         text=True, cwd=str(BUILD / "comfyui"), timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout

@@ -101,6 +101,7 @@ class ComfyServer:
         self._events = threading.Condition()
         self._finished: set[str] = set()
         self._progress: dict[str, list[int]] = {}
+        self._cached: dict[str, list[str]] = {}
         self.previews: list[bytes] = []  # preview images the server sent (binary websocket frames)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -145,6 +146,8 @@ class ComfyServer:
             with self._events:
                 if event["type"] == "progress" and prompt_id:
                     self._progress.setdefault(prompt_id, []).append(data["value"])
+                elif event["type"] == "execution_cached" and prompt_id:
+                    self._cached.setdefault(prompt_id, []).extend(data.get("nodes", []))
                 elif event["type"] in ("execution_success", "execution_error", "execution_interrupted") or (
                     event["type"] == "executing" and data.get("node") is None and prompt_id
                 ):
@@ -157,6 +160,17 @@ class ComfyServer:
         """Progress values reported so far for a prompt (one per step of the running node)."""
         with self._events:
             return list(self._progress.get(prompt_id, []))
+
+    def cached_nodes(self, prompt_id: str) -> list[str]:
+        """Nodes whose outputs ComfyUI took from its cache instead of running them, for a finished prompt."""
+        with self._events:
+            return list(self._cached.get(prompt_id, []))
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss
 
     def stop(self) -> None:
         if self._ws is not None:

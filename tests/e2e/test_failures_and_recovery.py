@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.helpers import comfy_uint8, png_to_array, qwen_reference, sampler_prompt
+from tests.helpers import ROOT, comfy_uint8, png_to_array, qwen_reference, sampler_prompt
 from tools.comfy_harness import ExecutionFailed, PromptRejected, node_text_output
 
 GOOD = dict(prompt="a blue square", negative_prompt="", seed=3, steps=4, cfg=4.0, width=64, height=64)
@@ -22,15 +22,24 @@ def _assert_good_run_still_works(comfy, model_dirs, seed):
     return entry
 
 
+def _no_server_paths(message: str, comfy) -> None:
+    """Clients see models by their folder names, never the server's absolute paths."""
+    for path in (comfy.base, ROOT, ROOT / ".build"):
+        assert str(path) not in message, message
+
+
 def _rejected(comfy, prompt) -> str:
     with pytest.raises(PromptRejected) as info:
         comfy.queue(prompt)
-    return json.dumps(info.value.body)
+    body = json.dumps(info.value.body)
+    _no_server_paths(body, comfy)
+    return body
 
 
 def _failed(comfy, prompt) -> ExecutionFailed:
     with pytest.raises(ExecutionFailed) as info:
         comfy.run(prompt)
+    _no_server_paths(info.value.exception_message, comfy)
     return info.value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from tests.helpers import run_in_comfyui
+
 EXPECTED_INPUTS = {
     "OmniLoader": {
         "model": "COMBO", "dtype": "COMBO", "device": "COMBO", "transformer_file": "COMBO", "transformer_2_file": "COMBO",
@@ -126,29 +128,43 @@ def test_pack_imported_without_errors(comfy):
 
 def test_nodes_are_v3_and_registered_through_the_extension():
     """The pack registers through comfy_entrypoint (V3 nodes); a NODE_CLASS_MAPPINGS would bypass it."""
-    import subprocess
-
-    from tools.comfy_harness import BUILD, ROOT
-
-    script = f"""
-import asyncio, importlib.util, json, sys
-sys.path.insert(0, {str(BUILD / "comfyui")!r})
-from comfy.cli_args import args
-args.cpu = True
+    out = run_in_comfyui("""
+import asyncio, json
 from comfy_api.latest import ComfyExtension, io
-spec = importlib.util.spec_from_file_location("omni_pack", {str(ROOT / "__init__.py")!r},
-                                              submodule_search_locations=[{str(ROOT)!r}])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["omni_pack"] = pack
-spec.loader.exec_module(pack)
 extension = asyncio.run(pack.comfy_entrypoint())
 nodes = asyncio.run(extension.get_node_list())
-print(json.dumps({{"v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS"), "extension": isinstance(extension, ComfyExtension),
+print(json.dumps({"v1_mappings": hasattr(pack, "NODE_CLASS_MAPPINGS"), "extension": isinstance(extension, ComfyExtension),
                   "v3": all(issubclass(n, io.ComfyNode) for n in nodes),
-                  "ids": sorted(n.define_schema().node_id for n in nodes)}}))
-"""
-    out = subprocess.run([str(BUILD / "venv" / "bin" / "python"), "-c", script], capture_output=True, text=True,
-                         cwd=str(BUILD / "comfyui"), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+                  "ids": sorted(n.define_schema().node_id for n in nodes)}))
+""")
+    result = json.loads(out.strip().splitlines()[-1])
     assert result == {"v1_mappings": False, "extension": True, "v3": True, "ids": sorted(EXPECTED_INPUTS)}
+
+
+def test_memory_hooks_never_break_comfyuis_own_memory_management():
+    """Even when the pack's own release fails, ComfyUI's free_memory and unload_all_models run and return."""
+    out = run_in_comfyui("""
+import json, logging, torch
+import comfy.model_management as mm
+records = []
+logging.getLogger("omni_accel").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+store = pack.nodes.host.STORE
+def broken(*args, **kwargs):
+    raise RuntimeError("release failed")
+store.release_until_free = broken
+store.release = broken
+class Held:  # one held pipeline on the CPU so the free_memory hook has something to release
+    spec = type("S", (), {"device": "cpu"})()
+store.loaded_variants = lambda: [Held()]
+result = mm.free_memory(1e30, torch.device("cpu"))
+mm.unload_all_models()
+print(json.dumps({"wrapped": [mm.free_memory._omni_accel, mm.unload_all_models._omni_accel],
+                  "result": result == [], "logged": [m for m in records if "failed" in m]}))
+""")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["wrapped"] == [True, True] and result["result"]
+    # unload_all_models calls free_memory itself, so that failure is logged twice.
+    assert set(result["logged"]) == {
+        "Omni Accel: releasing pipelines after comfy.model_management.free_memory failed",
+        "Omni Accel: releasing pipelines after comfy.model_management.unload_all_models failed",
+    }

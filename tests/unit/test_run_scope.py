@@ -87,3 +87,25 @@ def test_two_accelerators_of_one_group_are_refused(setup):
     one = pipe.with_accelerator(ScaleOutput(log=[]))
     with pytest.raises(IncompatibleStack, match="Scale Output cannot be stacked on Scale Output"):
         one.with_accelerator(ScaleOutput(factor=2.0, log=[]))
+
+
+def test_a_failing_report_never_hides_the_run_error_nor_fails_a_good_run(setup, monkeypatch):
+    from omni_core.cache import teacache
+
+    store, pipe = setup
+
+    def broken(*args, **kwargs):
+        raise KeyError("report broke")
+
+    monkeypatch.setattr(teacache, "write_report", broken)
+    cached = pipe.with_accelerator(teacache.TeaCache(rel_l1_thresh=0.5))
+
+    def cancel_at_step_2(done, total, preview):
+        if done == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        generate(cached, REQUEST, store, on_step=cancel_at_step_2)
+    result = generate(cached, REQUEST, store)
+    assert "the TeaCache report could not be written: KeyError: 'report broke'" in result.report.notes
+    assert result.latent.shape[0] == 1
