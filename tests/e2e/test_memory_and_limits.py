@@ -21,6 +21,16 @@ def store_status(comfy) -> dict:
     return comfy.get_json("/omni_accel/store")
 
 
+def free_and_wait(comfy) -> None:
+    """POST /free alone (comfy.free() would queue a prompt, which clears ComfyUI's output cache), then wait
+    until the worker has acted on it."""
+    comfy.post_json("/free", {"unload_models": True})
+    deadline = time.monotonic() + 30
+    while store_status(comfy)["held"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store_status(comfy)["held"] == []
+
+
 def pipelines_per_device(comfy) -> dict[str, int]:
     counts: dict[str, int] = {}
     for held in store_status(comfy)["held"]:
@@ -48,6 +58,7 @@ def test_alternating_models_dtypes_and_files_stays_within_budget_with_flat_rss(c
         dict(model="tiny-flux", dtype="fp32"),
         dict(model="tiny-qwen-image", dtype="fp32", transformer_file="budget-qwen.safetensors"),
     ]
+    free_and_wait(comfy)  # start from an empty store, whatever earlier tests left
     budget = store_status(comfy)["max_pipelines_per_device"]
     assert budget < len(variants), "the cycle must overflow the budget"
     rss, loads = [], []
@@ -130,12 +141,7 @@ def test_oversized_request_is_refused_at_once_and_the_next_runs(comfy):
 def test_decode_after_free_brings_back_the_vae_alone(comfy):
     prompt = sampler_prompt(**dict(SMALL, seed=8), decode={"tiling": False})
     first = png_to_array(comfy.output_files(comfy.run(prompt), "4")[0])
-    # POST /free alone (comfy.free() would queue a prompt, which clears ComfyUI's output cache).
-    comfy.post_json("/free", {"unload_models": True})
-    deadline = time.monotonic() + 30
-    while store_status(comfy)["held"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert store_status(comfy)["held"] == []
+    free_and_wait(comfy)
     loads = store_status(comfy)["loads"]
     prompt["3"]["inputs"]["tile_size"] = 128  # only the decode runs again; tiling is off, so same pixels
     entry = comfy.run(prompt)
