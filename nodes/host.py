@@ -117,12 +117,21 @@ def diffusers_folder_path(name: str) -> str | None:
     return None
 
 
+# GGUF files live beside the safetensors ones (models/diffusion_models, models/unet); ComfyUI's own list
+# filters them out by extension, so they get a list of their own over the same folders.
+GGUF_FOLDER = "omni_accel_gguf"
+if GGUF_FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[GGUF_FOLDER] = (folder_paths.get_folder_paths("diffusion_models"), {".gguf"})
+
+
 def transformer_files() -> list[str]:
-    return [name for name in folder_paths.get_filename_list("diffusion_models") if name.endswith(".safetensors")]
+    safetensors = [name for name in folder_paths.get_filename_list("diffusion_models") if name.endswith(".safetensors")]
+    return sorted(set(safetensors) | set(folder_paths.get_filename_list(GGUF_FOLDER)))
 
 
 def transformer_file_path(name: str) -> str | None:
-    return folder_paths.get_full_path("diffusion_models", name)
+    folder = GGUF_FOLDER if name.lower().endswith(".gguf") else "diffusion_models"
+    return folder_paths.get_full_path(folder, name)
 
 
 # --- progress ---------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ def _files(transformer_file: str, transformer_2_file: str) -> dict[str, str]:
         if name and name != "none":
             path = transformer_file_path(name)
             if path is None:
-                raise InvalidInput(f"{attr}_file", f"'{name}' is not under models/diffusion_models.", transformer_files())
+                raise InvalidInput(f"{attr}_file", f"'{name}' is not under models/diffusion_models or models/unet.",
+                                   transformer_files())
             files[attr] = path
     return files
 
@@ -49,12 +50,14 @@ class OmniLoader(OmniNode):
                 io.Combo.Input("device", options=device_choices(), default="auto",
                                tooltip="Where the pipeline runs. auto = the first GPU if there is one, else the CPU."),
                 io.Combo.Input("transformer_file", options=["none", *transformer_files()], default="none", optional=True,
-                               tooltip="A single-file transformer from models/diffusion_models that replaces the folder's "
-                                       "transformer (diffusers keys, or the ComfyUI/original layout of Flux, Wan, Z-Image). "
-                                       "Text encoders, VAE, tokenizer and scheduler still come from the folder. "
-                                       "Wan 2.2: the high-noise expert."),
+                               tooltip="A single-file transformer from models/diffusion_models (or models/unet) that replaces "
+                                       "the folder's transformer: .safetensors or a quantized .gguf (kept quantized, "
+                                       "dequantized on the fly), in diffusers keys or the ComfyUI/original layout of Flux, "
+                                       "Wan, Z-Image. Text encoders, VAE, tokenizer and scheduler still come from the "
+                                       "folder. Wan 2.2: the high-noise expert."),
                 io.Combo.Input("transformer_2_file", options=["none", *transformer_files()], default="none", optional=True,
-                               tooltip="Wan 2.2 only: a single-file low-noise expert (transformer_2) from models/diffusion_models."),
+                               tooltip="Wan 2.2 only: a single-file low-noise expert (transformer_2), .safetensors or .gguf, "
+                                       "from models/diffusion_models or models/unet."),
             ],
             outputs=[OmniPipeType.Output(display_name="pipe", tooltip="The model and its (so far empty) acceleration recipe.")],
         )

@@ -41,11 +41,24 @@ class DeviceMemory:
         return psutil.virtual_memory().total
 
 
+def keep_fp32_modules(source: ModelSource, component: str) -> tuple[str, ...]:
+    """Module names the component's class keeps in fp32 whatever the pipeline dtype (e.g. Wan's time_embedder)."""
+    import diffusers
+    import transformers
+
+    entry = source.model_index.get(component)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    cls = getattr(diffusers, class_name, None) or getattr(transformers, class_name, None) if class_name else None
+    return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+
+
 def folder_component_bytes(source: ModelSource, float_bytes: int, skip: list[str] = ()) -> dict[str, int]:
     """Bytes each component of the folder holds once loaded with floats at `float_bytes` per value."""
     out: dict[str, int] = {}
     for path in source.weight_files(skip):
-        out[path.parent.name] = out.get(path.parent.name, 0) + tensor_bytes(path, float_bytes)
+        component = path.parent.name
+        keep = keep_fp32_modules(source, component) if float_bytes < 4 else ()
+        out[component] = out.get(component, 0) + tensor_bytes(path, float_bytes, keep)
     return out
 
 

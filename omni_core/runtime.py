@@ -97,6 +97,10 @@ def generate(
     releases = store.take_releases()
     if releases:
         report.counters["store_releases"] = releases
+    for section, facts in loaded.prepared.items():
+        report.section(section).update(facts)
+    for message in loaded.notes:
+        report.note(message)
     memory = MemoryWatch(spec.device)
 
     with run_scope(pipe, loaded, request, report) as run:

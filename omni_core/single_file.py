@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from .errors import ModelLoadError
 from .layouts import to_diffusers
+from .quant import gguf
 from .source import ModelSource
 from .weights_check import read_header, safetensors_problem, tensor_bytes
 
@@ -19,9 +20,9 @@ def _first_mismatch(state: dict, expected: dict) -> str | None:
     for key, shape in expected.items():
         if key not in state:
             return f"the model needs '{key}', which the file does not have"
-        if tuple(state[key].shape) != tuple(shape):
+        if gguf.logical_shape(state[key]) != tuple(shape):
             return (
-                f"'{key}' has shape {tuple(state[key].shape)} in the file but the model expects {tuple(shape)} "
+                f"'{key}' has shape {gguf.logical_shape(state[key])} in the file but the model expects {tuple(shape)} "
                 "(a different model size?)"
             )
     for key in state:
@@ -30,7 +31,8 @@ def _first_mismatch(state: dict, expected: dict) -> str | None:
     return None
 
 
-def _empty_model(source: ModelSource, attr: str) -> torch.nn.Module:
+def empty_component(source: ModelSource, attr: str) -> torch.nn.Module:
+    """The component's module built from its config on the 'meta' device (no memory, no weights)."""
     if not source.has_component(attr):
         raise ModelLoadError(f"{attr}_file: '{source.name}' has no {attr} to replace.")
     with init_empty_weights():
@@ -58,24 +60,35 @@ def _intact(attr: str, path: Path) -> None:
 
 
 def check_transformer_file(family, source: ModelSource, attr: str, path: str | Path) -> None:
-    """Checks that the file is intact and fits the component, reading only its header (tensors on 'meta')."""
+    """Checks that the file is intact, of supported types, and fits the component, reading only its header
+    (tensors on 'meta')."""
     path = Path(path)
-    _intact(attr, path)
-    header, _ = read_header(path)
-    state = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
-    _fitted(family, source, attr, path, state, _empty_model(source, attr))
+    model = empty_component(source, attr)
+    if gguf.is_gguf(path):
+        infos = gguf.read_tensor_infos(path, f"{attr}_file")
+        gguf.check_types(infos, path, f"{attr}_file")
+        state = gguf.meta_state(infos)
+    else:
+        _intact(attr, path)
+        header, _ = read_header(path)
+        state = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
+    _fitted(family, source, attr, path, state, model)
 
 
 def load_transformer_file(family, source: ModelSource, attr: str, path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
     """`attr` is the pipeline component the file replaces ("transformer", or "transformer_2" for Wan 2.2)."""
     path = Path(path)
+    model = empty_component(source, attr)
+    if gguf.is_gguf(path):
+        gguf.check_types(gguf.read_tensor_infos(path, f"{attr}_file"), path, f"{attr}_file")
+        state = _fitted(family, source, attr, path, gguf.read_state(path), model)
+        return gguf.install(model, state, dtype)
     _intact(attr, path)
-    model = _empty_model(source, attr)
     state = _fitted(family, source, attr, path, load_file(str(path)), model)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval()
 
 
 def transformer_file_bytes(path: str | Path, float_bytes: int) -> int:
-    """Bytes the file's transformer takes once loaded at the pipeline's dtype."""
-    return tensor_bytes(path, float_bytes)
+    """Bytes the file's transformer takes once loaded at the pipeline's dtype (GGUF: quantized as stored)."""
+    return gguf.file_bytes(path, float_bytes) if gguf.is_gguf(path) else tensor_bytes(path, float_bytes)

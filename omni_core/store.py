@@ -29,7 +29,8 @@ import torch
 from .devices import DTYPE_BYTES
 from .errors import InvalidInput, ModelLoadError, OmniError
 from .families import ModelFamily
-from .memory import DeviceMemory, folder_component_bytes, gib
+from .memory import DeviceMemory, folder_component_bytes, gib, module_bytes
+from .quant import gguf
 from .recipe import OmniPipe, Variant
 from .single_file import load_transformer_file, transformer_file_bytes
 from .spec import LoadSpec
@@ -49,7 +50,8 @@ class LoadingModel:
     family: ModelFamily
     pipeline: Any
     placed: bool = False  # set by an entry that put the pipeline on its devices itself
-    prepared: dict = field(default_factory=dict)  # kind -> facts for reports
+    prepared: dict = field(default_factory=dict)  # report section -> facts, repeated in every run's report
+    notes: list[str] = field(default_factory=list)  # repeated in every run's report notes
 
 
 @dataclass
@@ -59,7 +61,8 @@ class LoadedModel:
     load_seconds: float
     load_id: int  # increases with every load in this store: a changed id means the weights were reloaded
     device_bytes: dict[str, int]
-    prepared: dict = field(default_factory=dict)  # what load-time entries did, by kind
+    prepared: dict = field(default_factory=dict)  # what loading did (report section -> facts)
+    notes: list[str] = field(default_factory=list)
     # Things derived once from these weights and reused by later runs (e.g. the preview colour map).
     derived: dict = field(default_factory=dict)
 
@@ -196,6 +199,13 @@ class ModelStore:
             }
             loading = LoadingModel(spec, family, family.load(spec.source, spec.torch_dtype, **components))
             del components
+            gguf_files = {attr: gguf.summary(path) for attr, path in spec.transformer_files if gguf.is_gguf(path)}
+            if gguf_files:
+                denoisers = family.denoisers(loading.pipeline).values()
+                loading.prepared["quantization"] = {
+                    "method": "gguf", "files": gguf_files,
+                    "dit_weight_bytes": {"after": sum(module_bytes(d) for d in denoisers)},
+                }
             for entry in variant.entries:
                 entry.prepare(loading)
             if not loading.placed:
@@ -207,7 +217,7 @@ class ModelStore:
         self._loads += 1
         log.info("Omni Accel: loaded %s in %.1f s", variant.label(), seconds)
         return LoadedModel(variant=variant, pipeline=loading.pipeline, load_seconds=seconds, load_id=self._loads,
-                           device_bytes=need, prepared=loading.prepared)
+                           device_bytes=need, prepared=loading.prepared, notes=loading.notes)
 
     @contextmanager
     def vae(self, item: Variant | OmniPipe | LoadSpec) -> Iterator[torch.nn.Module]:

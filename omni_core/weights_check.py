@@ -66,14 +66,19 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
                 "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def tensor_bytes(path: str | os.PathLike, float_bytes: int) -> int:
-    """Bytes the file's tensors take once loaded with floating-point tensors cast to `float_bytes` per value."""
+def tensor_bytes(path: str | os.PathLike, float_bytes: int, keep_fp32: tuple[str, ...] = ()) -> int:
+    """Bytes the file's tensors take once loaded with floating-point tensors cast to `float_bytes` per value,
+    except those under a module named in `keep_fp32` (diffusers' `_keep_in_fp32_modules`), which stay fp32."""
     header, _ = read_header(path)
     total = 0
-    for entry in header.values():
+    for name, entry in header.items():
         numel = 1
         for dim in entry["shape"]:
             numel *= dim
         dtype = entry["dtype"]
-        total += numel * (float_bytes if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4))
+        if dtype in _FLOAT_DTYPES:
+            fp32 = keep_fp32 and any(part in keep_fp32 for part in name.split("."))
+            total += numel * (max(float_bytes, 4) if fp32 else float_bytes)
+        else:
+            total += numel * _DTYPE_BYTES.get(dtype, 4)
     return total

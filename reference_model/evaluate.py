@@ -16,20 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate
+from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode_latent, generate
 
 from .shapes import Scene, accuracy, split
 
 
 def generate_scenes(pipe: OmniPipe, scenes: list[Scene], store: ModelStore, steps: int = 30, cfg: float = 4.0,
                     seed: int = 1000) -> list[np.ndarray]:
-    loaded, _ = store.get(pipe.spec)
     images = []
     for i, scene in enumerate(scenes):
         request = GenerationRequest(prompt=scene.caption, negative_prompt="", seed=seed + i, steps=steps, cfg=cfg,
                                     width=64, height=64)
         latent = generate(pipe, request, store).latent
-        image = decode(loaded.family, loaded.pipeline.vae, latent, DecodeOptions(tiling=False))[0]
+        image = decode_latent(pipe, latent, DecodeOptions(tiling=False), store)[0]
         images.append(np.clip(np.round(255.0 * image.numpy()), 0, 255).astype(np.uint8))
     return images
 

@@ -33,8 +33,13 @@ MODELS: dict[str, Callable[[], object]] = {
     "tiny-wan21": lambda: wan.build(experts=1),
     "tiny-wan22": lambda: wan.build(experts=2),
     "mid-qwen-image": lambda: qwen_image.build("mid"),
+    # hidden 256: GGUF quant types need rows of 32 (K-quants 256) values
+    "quant-qwen-image": lambda: qwen_image.build("quant"),
+    "quant-flux": lambda: flux.build(width="quant"),
+    "quant-wan21": lambda: wan.build(width="quant"),
+    "quant-z-image": lambda: z_image.build(width="quant"),
 }
-TEST_MODELS = tuple(name for name in MODELS if name.startswith("tiny-"))
+TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-")))
 _STAMP = ".omni_tiny_model.json"
 
 # Trained models shipped in the repository (weights committed), linked into a models folder as they are.

@@ -9,7 +9,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 
-def build(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
+# tiny: diffusers' pipeline-test width; quant: hidden 256, rows long enough for every GGUF block size
+WIDTHS = {"tiny": dict(attention_head_dim=16, axes_dims_rope=[4, 4, 8]),
+          "quant": dict(attention_head_dim=128, axes_dims_rope=[16, 56, 56])}
+
+
+def build(seed: int = 0, guidance_embeds: bool = True, width: str = "tiny") -> FluxPipeline:
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
     torch.manual_seed(seed)
@@ -24,9 +29,8 @@ def build(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
     )).eval()
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=guidance_embeds,
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, **WIDTHS[width],
     )
     torch.manual_seed(seed + 3)
     vae = AutoencoderKL(

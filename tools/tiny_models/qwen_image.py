@@ -26,6 +26,8 @@ SIZES = {
     "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
     # 8 blocks, hidden 256: big enough that the transformer dominates a CPU run
     "mid": dict(num_layers=8, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(16, 24, 24)),
+    # hidden 256: rows long enough for every GGUF block size (K-quants need multiples of 256)
+    "quant": dict(num_layers=1, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(16, 24, 24)),
 }
 
 

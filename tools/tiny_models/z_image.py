@@ -9,7 +9,12 @@ from transformers import Qwen3Config, Qwen3Model
 from .tokenizer import QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
 
 
-def build(seed: int = 0) -> ZImagePipeline:
+# tiny: small enough for quick tests; quant: hidden 256, rows long enough for every GGUF block size
+WIDTHS = {"tiny": dict(dim=32, n_layers=2, n_refiner_layers=2, axes_dims=[8, 4, 4]),
+          "quant": dict(dim=256, n_layers=1, n_refiner_layers=1, axes_dims=[32, 48, 48])}
+
+
+def build(seed: int = 0, width: str = "tiny") -> ZImagePipeline:
     tokenizer = build_qwen_tokenizer(chat_template=QWEN3_CHAT_TEMPLATE, model_max_length=512)
     torch.manual_seed(seed)
     text_encoder = Qwen3Model(Qwen3Config(
@@ -18,9 +23,8 @@ def build(seed: int = 0) -> ZImagePipeline:
     )).eval()
     torch.manual_seed(seed + 1)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=2,
-        n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, n_heads=2, n_kv_heads=2, qk_norm=True,
+        cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0, axes_lens=[256, 32, 32], **WIDTHS[width],
     )
     with torch.no_grad():  # diffusers creates these without a random init
         transformer.x_pad_token.normal_(0, 0.02)

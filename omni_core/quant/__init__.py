@@ -1,0 +1,1 @@
+"""Quantization: FP8 Quantize (a load-time recipe entry) and GGUF transformer files."""

@@ -1,0 +1,86 @@
+"""An FP8 (E4M3) linear layer: weights stored in FP8 with computed scales, two ways to multiply.
+
+- weight_only: the FP8 weight is scaled back to the activation dtype and multiplied there (any device).
+- w8a8: activations are quantized on the fly with dynamic scales (per tensor, or per token) and the
+  product runs in FP8 through `torch._scaled_mm` (hardware FP8 on CUDA SM 8.9+; a reference kernel on CPU).
+
+Scales are always computed from the weights (absolute maximum / 448); an all-zero row gets scale 1, and a
+weight that is not finite is refused naming the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+class NonFiniteWeights(ValueError):
+    pass
+
+
+def _scale_for(amax: torch.Tensor) -> torch.Tensor:
+    scale = amax.float() / FP8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_weight(weight: torch.Tensor, per_channel: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 scale): scale is () per tensor or (out_features, 1) per output channel."""
+    weight = weight.detach()
+    if not torch.isfinite(weight).all():
+        raise NonFiniteWeights(f"layer {name} has non-finite weights (NaN or inf); it cannot be quantized")
+    amax = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().amax()
+    scale = _scale_for(amax)
+    quantized = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized, scale
+
+
+def can_multiply_in_fp8(in_features: int, out_features: int, device: torch.device) -> bool:
+    """torch._scaled_mm's shape rule on CUDA: both dimensions multiples of 16."""
+    return device.type != "cuda" or (in_features % 16 == 0 and out_features % 16 == 0)
+
+
+class FP8Linear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear, name: str, per_channel: bool, fp8_matmul: bool):
+        super().__init__()
+        self.name = name
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.per_channel = per_channel
+        self.fp8_matmul = fp8_matmul
+        weight, scale = quantize_weight(linear.weight, per_channel, name)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.finite: torch.Tensor | None = None  # whether the last output was finite (a device tensor, no sync)
+
+    def extra_repr(self) -> str:
+        mode = "w8a8" if self.fp8_matmul else "weight_only"
+        scale = "per_channel" if self.per_channel else "per_tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}, {scale}"
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul:
+            out = self._fp8_matmul(x)
+        else:
+            out = F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        self.finite = torch.isfinite(out).all()
+        return out
+
+    def _fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.per_channel:  # per token
+            x_scale = _scale_for(rows.abs().amax(dim=1, keepdim=True))
+            w_scale = self.weight_scale.reshape(1, -1)
+        else:
+            x_scale = _scale_for(rows.abs().amax())
+            w_scale = self.weight_scale
+        x_fp8 = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
