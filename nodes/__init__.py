@@ -5,12 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 from .cachedit import OmniCacheDiT
 from .fp8 import OmniFP8Quantize
 from .loader import OmniLoader
+from .offload import OmniLayerwiseOffload
 from .sampler import OmniSampler
 from .teacache import OmniTeaCache
 from .vae_decode import OmniVAETiledDecode
 
-NODES: list[type[io.ComfyNode]] = [OmniLoader, OmniTeaCache, OmniCacheDiT, OmniFP8Quantize, OmniSampler,
-                                   OmniVAETiledDecode]
+NODES: list[type[io.ComfyNode]] = [OmniLoader, OmniTeaCache, OmniCacheDiT, OmniFP8Quantize, OmniLayerwiseOffload,
+                                   OmniSampler, OmniVAETiledDecode]
 
 
 class OmniAccelExtension(ComfyExtension):

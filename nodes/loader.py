@@ -5,6 +5,7 @@ from comfy_api.latest import io
 from ..omni_core import InvalidInput, LoadSpec, OmniPipe
 from ..omni_core.devices import DTYPE_CHOICES, device_choices
 from ..omni_core.families import supported_pipeline_classes
+from ..omni_core.offload.compile import MODES as COMPILE_MODES, RegionalCompile
 from .base import CATEGORY, OmniNode, OmniPipeType
 from .host import diffusers_folder_path, diffusers_folders, transformer_file_path, transformer_files
 
@@ -58,12 +59,17 @@ class OmniLoader(OmniNode):
                 io.Combo.Input("transformer_2_file", options=["none", *transformer_files()], default="none", optional=True,
                                tooltip="Wan 2.2 only: a single-file low-noise expert (transformer_2), .safetensors or .gguf, "
                                        "from models/diffusion_models or models/unet."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", optional=True,
+                               tooltip="regional: torch.compile the DiT's repeated blocks (not the whole model) when it "
+                                       "loads; the first run pays the compilation (seconds to minutes), later runs reuse "
+                                       "it. Lossless up to float rounding. Falls back to eager, with a report line, if "
+                                       "compilation fails."),
             ],
             outputs=[OmniPipeType.Output(display_name="pipe", tooltip="The model and its (so far empty) acceleration recipe.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model, dtype, device, transformer_file="none", transformer_2_file="none"):
+    def fingerprint_inputs(cls, model, dtype, device, transformer_file="none", transformer_2_file="none", compile="off"):
         # Re-run when weights change on disk, so a re-exported model or file is picked up.
         try:
             return repr(_spec(model, dtype, device, transformer_file, transformer_2_file).fingerprint)
@@ -76,7 +82,10 @@ class OmniLoader(OmniNode):
             diffusers_folder_path(model)  # refuses names that leave models/diffusers
 
     @classmethod
-    def run(cls, model, dtype, device, transformer_file="none", transformer_2_file="none") -> io.NodeOutput:
+    def run(cls, model, dtype, device, transformer_file="none", transformer_2_file="none", compile="off") -> io.NodeOutput:
         spec = _spec(model, dtype, device, transformer_file, transformer_2_file)
         spec.check_files()  # a truncated or overwritten weights file is named on this node, before any load
-        return io.NodeOutput(OmniPipe(spec))
+        pipe = OmniPipe(spec)
+        if compile == "regional":
+            pipe = pipe.with_accelerator(RegionalCompile())
+        return io.NodeOutput(pipe)

@@ -62,3 +62,13 @@ def _invalidate(root: torch.nn.Module) -> None:
     registry = getattr(root, "_diffusers_hook", None)
     if registry is not None:
         registry.invalidate_child_registries_cache()
+
+
+def ensure_ready(block: torch.nn.Module) -> None:
+    """For code that reads a block's weights without running it (a cache's signal): hooks that keep the
+    block's weights elsewhere between calls (offloading) bring them in."""
+    registry = getattr(block, "_diffusers_hook", None)
+    for hook in list(registry.hooks.values()) if registry is not None else []:
+        ready = getattr(hook, "ensure_ready", None)
+        if ready is not None:
+            ready(block)

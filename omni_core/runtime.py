@@ -34,6 +34,7 @@ class Run:
         self.request = request
         self.report = report
         self.steps_done = 0  # denoising steps finished so far; accelerators use it as the step index
+        self.step_listeners: list = []  # called with steps_done after each step (accelerators' bookkeeping)
         self.pipeline_call = loaded.family.pipeline_call(loaded.pipeline, request)
 
     def denoisers(self) -> dict[str, torch.nn.Module]:
@@ -117,6 +118,8 @@ def generate(
 
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             run.steps_done = step + 1
+            for listener in run.step_listeners:
+                listener(run.steps_done)
             memory.sample()
             if on_step is not None:
                 preview = previewer(step + 1, tensors["latents"]) if previewer else None

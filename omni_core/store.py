@@ -52,6 +52,7 @@ class LoadingModel:
     placed: bool = False  # set by an entry that put the pipeline on its devices itself
     prepared: dict = field(default_factory=dict)  # report section -> facts, repeated in every run's report
     notes: list[str] = field(default_factory=list)  # repeated in every run's report notes
+    state: dict = field(default_factory=dict)  # live objects load-time entries keep with the pipeline
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LoadedModel:
     device_bytes: dict[str, int]
     prepared: dict = field(default_factory=dict)  # what loading did (report section -> facts)
     notes: list[str] = field(default_factory=list)
+    state: dict = field(default_factory=dict)  # live objects of load-time entries (e.g. the placement)
     # Things derived once from these weights and reused by later runs (e.g. the preview colour map).
     derived: dict = field(default_factory=dict)
 
@@ -217,7 +219,7 @@ class ModelStore:
         self._loads += 1
         log.info("Omni Accel: loaded %s in %.1f s", variant.label(), seconds)
         return LoadedModel(variant=variant, pipeline=loading.pipeline, load_seconds=seconds, load_id=self._loads,
-                           device_bytes=need, prepared=loading.prepared, notes=loading.notes)
+                           device_bytes=need, prepared=loading.prepared, notes=loading.notes, state=loading.state)
 
     @contextmanager
     def vae(self, item: Variant | OmniPipe | LoadSpec) -> Iterator[torch.nn.Module]:
@@ -234,7 +236,12 @@ class ModelStore:
                 vae = held.pipeline.vae
             else:
                 vae = self._vae_alone(VaeKey(variant.spec)).vae
-        yield vae
+        placement = held.state.get("placement") if held is not None else None
+        try:
+            yield vae
+        finally:
+            if placement is not None:
+                placement.idle()  # a placement that keeps the VAE off the device between uses
 
     def _vae_alone(self, key: VaeKey) -> LoadedVae:
         loaded = self._held.get(key)

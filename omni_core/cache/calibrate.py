@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..block_hooks import bound_arguments, hooked_blocks
+from ..block_hooks import bound_arguments, ensure_ready, hooked_blocks
 from ..recipe import Accelerator, OmniPipe
 from ..request import GenerationRequest
 from ..runtime import generate
@@ -67,6 +67,7 @@ class _Recording:
     def on_block(self, block, original_forward, args, kwargs):
         if block is self.first:
             self._key = self.positions.next(self.run.steps_done)
+            ensure_ready(block)
             self._signal = self.support.read(block, bound_arguments(block, args, kwargs)).detach()
         output = original_forward(*args, **kwargs)
         if block is self.last:

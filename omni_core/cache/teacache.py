@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..block_hooks import bound_arguments, hooked_blocks
+from ..block_hooks import bound_arguments, ensure_ready, hooked_blocks
 from ..errors import IncompatibleStack, InvalidInput
 from ..families import FAMILIES
 from ..families.facts import Coefficients, StepSignal
@@ -184,6 +184,7 @@ class TeaCacheController:
         state = self.states.setdefault(self.positions.next(step), CallState())
         self._active = state
         self._stack_input = self.support.block_io.stream_in(arguments)
+        ensure_ready(block)
         signal = self.support.read(block, arguments).detach()
         rows = signal.shape[0]
         if state.accumulated is None or state.accumulated.shape[0] != rows:

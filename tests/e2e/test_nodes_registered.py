@@ -10,6 +10,7 @@ from tests.helpers import run_in_comfyui
 EXPECTED_INPUTS = {
     "OmniLoader": {
         "model": "COMBO", "dtype": "COMBO", "device": "COMBO", "transformer_file": "COMBO", "transformer_2_file": "COMBO",
+        "compile": "COMBO",
     },
     "OmniSampler": {
         "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
@@ -26,6 +27,10 @@ EXPECTED_INPUTS = {
         "enable_taylorseer": "BOOLEAN", "taylorseer_order": "INT", "scm_steps_mask_policy": "COMBO",
         "scm_steps_policy": "COMBO",
     },
+    "OmniFP8Quantize": {"pipe": "OMNI_PIPE", "mode": "COMBO", "ignored_layers": "STRING", "scale": "COMBO"},
+    "OmniLayerwiseOffload": {
+        "pipe": "OMNI_PIPE", "mode": "COMBO", "blocks_on_device": "INT", "prefetch": "BOOLEAN", "pin_memory": "BOOLEAN",
+    },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
         "slicing": "BOOLEAN",
@@ -37,9 +42,12 @@ EXPECTED_OUTPUTS = {
     "OmniVAETiledDecode": ["IMAGE"],
     "OmniTeaCache": ["OMNI_PIPE"],
     "OmniCacheDiT": ["OMNI_PIPE"],
+    "OmniFP8Quantize": ["OMNI_PIPE"],
+    "OmniLayerwiseOffload": ["OMNI_PIPE"],
 }
 DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode",
-                 "OmniTeaCache": "TeaCache", "OmniCacheDiT": "Cache-DiT"}
+                 "OmniTeaCache": "TeaCache", "OmniCacheDiT": "Cache-DiT", "OmniFP8Quantize": "FP8 Quantize",
+                 "OmniLayerwiseOffload": "Layerwise Offload"}
 
 
 def _inputs(info: dict) -> dict:
@@ -56,8 +64,7 @@ def test_pack_nodes_and_only_those(comfy):
     object_info = comfy.get_json("/object_info")
     ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
     assert ours == set(EXPECTED_INPUTS)
-    for name in ("OmniFP8Quantize", "OmniLayerwiseOffload", "OmniParallelConfig"):
-        assert name not in object_info
+    assert "OmniParallelConfig" not in object_info
 
 
 def test_inputs_types_defaults_and_tooltips(comfy):
@@ -168,3 +175,15 @@ print(json.dumps({"wrapped": [mm.free_memory._omni_accel, mm.unload_all_models._
         "Omni Accel: releasing pipelines after comfy.model_management.free_memory failed",
         "Omni Accel: releasing pipelines after comfy.model_management.unload_all_models failed",
     }
+
+
+def test_memory_nodes_defaults_follow_the_issues(comfy):
+    fp8 = _inputs(comfy.get_json("/object_info/OmniFP8Quantize")["OmniFP8Quantize"])
+    assert _options(fp8["mode"]) == ["auto", "w8a8", "weight_only"] and fp8["mode"][1]["default"] == "auto"
+    assert _options(fp8["scale"]) == ["per_tensor", "per_channel"] and fp8["ignored_layers"][1]["default"] == ""
+    offload = _inputs(comfy.get_json("/object_info/OmniLayerwiseOffload")["OmniLayerwiseOffload"])
+    assert _options(offload["mode"]) == ["layerwise", "model"]
+    assert (offload["blocks_on_device"][1]["default"], offload["prefetch"][1]["default"],
+            offload["pin_memory"][1]["default"]) == (1, True, True)
+    loader = _inputs(comfy.get_json("/object_info/OmniLoader")["OmniLoader"])
+    assert _options(loader["compile"]) == ["off", "regional"] and loader["compile"][1]["default"] == "off"
