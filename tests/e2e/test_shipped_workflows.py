@@ -8,7 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from tests.helpers import WORKFLOWS
+import numpy as np
+
+from tests.helpers import WORKFLOWS, png_to_array
 from tools.workflow_format import ui_to_api
 
 API_FILES = sorted(WORKFLOWS.glob("*_api.json"))
@@ -41,3 +43,18 @@ def test_api_workflow_runs_as_shipped(comfy, api_path):
             assert image.size == (sampler["width"], sampler["height"])
         if node["class_type"] == "SaveAnimatedWEBP":
             assert image.n_frames == sampler["num_frames"], "every video frame is saved"
+
+
+# Inputs appended after the first release: prompts saved before them must run unchanged.
+ADDED_LATER = {"OmniLoader": ("compile",)}
+
+
+def test_prompts_saved_before_later_inputs_still_run(comfy):
+    prompt = json.loads((WORKFLOWS / "qwen_image_api.json").read_text())
+    prompt["2"]["inputs"]["steps"] = 3
+    current = png_to_array(comfy.output_files(comfy.run(prompt), "4")[0])
+    for node in prompt.values():
+        for name in ADDED_LATER.get(node["class_type"], ()):
+            del node["inputs"][name]
+    prompt["4"]["inputs"]["filename_prefix"] = "older_prompt"  # re-runs the saver, the rest may come from cache
+    np.testing.assert_array_equal(png_to_array(comfy.output_files(comfy.run(prompt), "4")[0]), current)
