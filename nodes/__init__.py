@@ -6,12 +6,13 @@ from .cachedit import OmniCacheDiT
 from .fp8 import OmniFP8Quantize
 from .loader import OmniLoader
 from .offload import OmniLayerwiseOffload
+from .parallel import OmniParallelConfig
 from .sampler import OmniSampler
 from .teacache import OmniTeaCache
 from .vae_decode import OmniVAETiledDecode
 
 NODES: list[type[io.ComfyNode]] = [OmniLoader, OmniTeaCache, OmniCacheDiT, OmniFP8Quantize, OmniLayerwiseOffload,
-                                   OmniSampler, OmniVAETiledDecode]
+                                   OmniParallelConfig, OmniSampler, OmniVAETiledDecode]
 
 
 class OmniAccelExtension(ComfyExtension):

@@ -11,6 +11,7 @@ Neither wrapper can break ComfyUI: their own errors are logged, and ComfyUI's fu
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -76,6 +77,8 @@ def _make_room(nbytes: int, device: str) -> None:
         log.exception("Omni Accel: asking ComfyUI to free memory on %s failed", device)
 
 
+# Worker pools (Parallel Config) stop with the server; their workers also exit on their own when it is gone.
+atexit.register(STORE.release, reason="the server is shutting down")
 _wrap("free_memory", _after_free_memory)
 _wrap("unload_all_models", _after_unload_all)
 STORE.before_load = _make_room

@@ -26,34 +26,86 @@ def bound_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
     return dict(bound.arguments)
 
 
-class BlockForwardHook(ModelHook):
-    """Hands each call of a block to `handler(block, call_original, args, kwargs)`."""
+# Handler priorities within a block's chain: higher runs outside lower.
+PLACEMENT = 10  # weights in and out (offload): innermost, so skipped blocks are never loaded
+CACHE = 50  # caches deciding whether the block runs at all
 
-    def __init__(self, handler: Callable):
+CHAIN = "omni_blocks"
+
+
+class BlockChain(ModelHook):
+    """One hook per block, holding this pack's handlers in priority order.
+
+    A handler is `handler(block, call_next, args, kwargs)`; it may run `call_next(*args, **kwargs)` (the
+    inner handlers, then the block's own forward) or return without it (a cache skipping the block). Load-time
+    handlers (offload) and run-time ones (caches) thus nest by priority, not by when they were added, and hooks
+    other libraries add later (cache-dit's context-parallel splitting) wrap the whole chain.
+    """
+
+    def __init__(self):
         super().__init__()
-        self.handler = handler
+        self.handlers: list[tuple[int, str, Callable]] = []
+        self.pinned = False  # installed at load time: stays when it has no handler
+
+    def add(self, name: str, handler: Callable, priority: int) -> None:
+        self.handlers.append((priority, name, handler))
+        self.handlers.sort(key=lambda entry: -entry[0])
+
+    def remove(self, name: str) -> None:
+        self.handlers = [entry for entry in self.handlers if entry[1] != name]
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        return self.handler(module, self.fn_ref.original_forward, args, kwargs)
+        return self._call(0, module, args, kwargs)
+
+    def _call(self, index: int, module, args, kwargs):
+        if index == len(self.handlers):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        handler = self.handlers[index][2]
+        return handler(module, lambda *a, **k: self._call(index + 1, module, a, k), args, kwargs)
+
+
+def block_chain(block: torch.nn.Module, create: bool = True) -> BlockChain | None:
+    registry = getattr(block, "_diffusers_hook", None)
+    chain = registry.get_hook(CHAIN) if registry is not None else None
+    if chain is None and create:
+        chain = BlockChain()
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(chain, CHAIN)
+    return chain
+
+
+def pin_chains(blocks: list[torch.nn.Module]) -> None:
+    """Install the chain on every block now (load time), so that hooks added later wrap it."""
+    for block in blocks:
+        block_chain(block).pinned = True
+
+
+def add_handler(block: torch.nn.Module, name: str, handler: Callable, priority: int) -> None:
+    """A handler that stays for the life of the loaded model (load-time entries)."""
+    chain = block_chain(block)
+    chain.pinned = True
+    chain.add(name, handler, priority)
 
 
 @contextmanager
-def hooked_blocks(root: torch.nn.Module, blocks: list[torch.nn.Module], handler: Callable, name: str) -> Iterator[None]:
-    created = []
+def hooked_blocks(root: torch.nn.Module, blocks: list[torch.nn.Module], handler: Callable, name: str,
+                  priority: int = CACHE) -> Iterator[None]:
+    """`handler` on every block for the duration of the context; everything it added is removed after."""
+    created = [block for block in blocks if not hasattr(block, "_diffusers_hook")]
     installed = []
     try:
         for block in blocks:
-            if not hasattr(block, "_diffusers_hook"):
-                created.append(block)
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockForwardHook(handler), name)
+            block_chain(block).add(name, handler, priority)
             installed.append(block)
         _invalidate(root)
         yield
     finally:
         for block in installed:
-            block._diffusers_hook.remove_hook(name, recurse=False)
+            chain = block_chain(block, create=False)
+            chain.remove(name)
+            if not chain.handlers and not chain.pinned:
+                block._diffusers_hook.remove_hook(CHAIN, recurse=False)
         for block in created:
-            if not block._diffusers_hook.hooks:
+            if hasattr(block, "_diffusers_hook") and not block._diffusers_hook.hooks:
                 del block._diffusers_hook
         _invalidate(root)
 
@@ -65,10 +117,10 @@ def _invalidate(root: torch.nn.Module) -> None:
 
 
 def ensure_ready(block: torch.nn.Module) -> None:
-    """For code that reads a block's weights without running it (a cache's signal): hooks that keep the
+    """For code that reads a block's weights without running it (a cache's signal): handlers that keep the
     block's weights elsewhere between calls (offloading) bring them in."""
-    registry = getattr(block, "_diffusers_hook", None)
-    for hook in list(registry.hooks.values()) if registry is not None else []:
-        ready = getattr(hook, "ensure_ready", None)
+    chain = block_chain(block, create=False)
+    for _, _, handler in list(chain.handlers) if chain is not None else []:
+        ready = getattr(handler, "ensure_ready", None)
         if ready is not None:
             ready(block)

@@ -80,9 +80,11 @@ class ActivationFloor:
 
     @classmethod
     def of(cls, family: ModelFamily, source: ModelSource, request: GenerationRequest, dtype: str,
-           sequence_shards: int = 1) -> "ActivationFloor":
+           sequence_shards: int = 1, row_shards: int = 1) -> "ActivationFloor":
+        """Per rank when the tokens (sequence parallel) or the batch rows (CFG parallel) are split."""
         tokens = -(-family.image_tokens(source, request) // sequence_shards)
-        return cls(family.rows_per_call(request), tokens, family.hidden_size(source), DTYPE_BYTES[dtype])
+        rows = max(1, family.rows_per_call(request) // row_shards)
+        return cls(rows, tokens, family.hidden_size(source), DTYPE_BYTES[dtype])
 
     @property
     def bytes(self) -> int:

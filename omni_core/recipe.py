@@ -53,6 +53,10 @@ class Accelerator:
         """Where those bytes live at peak, per device, if this entry decides placement (else None)."""
         return None
 
+    def for_recipe(self, recipe: tuple["Accelerator", ...]) -> "Accelerator":
+        """This load-time entry as the variant key of `recipe` (an entry may depend on its neighbours)."""
+        return self
+
     def prepare(self, loading) -> None:
         """Transform a freshly loaded pipeline (still in CPU memory) once per loaded variant.
 
@@ -117,7 +121,7 @@ class OmniPipe:
 
     @property
     def variant(self) -> Variant:
-        entries = sorted((e for e in self.recipe if e.load_time), key=lambda e: e.load_order)
+        entries = sorted((e.for_recipe(self.recipe) for e in self.recipe if e.load_time), key=lambda e: e.load_order)
         return Variant(self.spec, tuple(entries))
 
     @property

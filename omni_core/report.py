@@ -44,6 +44,16 @@ class RunReport:
         self.sections: dict[str, dict] = {}
         self.counters: dict[str, Any] = {}
 
+    @classmethod
+    def from_parts(cls, parts: dict) -> "RunReport":
+        """A report rebuilt from another process's (header, counters, stages, sections, notes)."""
+        report = cls(**parts["header"])
+        report.counters.update(parts["counters"])
+        report.stages.update(parts["stages"])
+        report.sections.update(parts["sections"])
+        report.notes.extend(parts["notes"])
+        return report
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()

@@ -35,6 +35,9 @@ class Run:
         self.report = report
         self.steps_done = 0  # denoising steps finished so far; accelerators use it as the step index
         self.step_listeners: list = []  # called with steps_done after each step (accelerators' bookkeeping)
+        # Sums a tensor over the ranks that each hold a slice of the tokens (sequence parallelism); None
+        # in a single process. Caches use it so every rank takes the same decision.
+        self.reduce_sum = loaded.state.get("reduce_sum")
         self.pipeline_call = loaded.family.pipeline_call(loaded.pipeline, request)
 
     def denoisers(self) -> dict[str, torch.nn.Module]:
@@ -65,8 +68,10 @@ def checked_request(pipe: OmniPipe, request: GenerationRequest, store: ModelStor
     family.check_request(source, request)
     for accelerator in pipe.recipe:
         accelerator.check_request(spec, request)
-    floor = ActivationFloor.of(family, source, request, spec.dtype)
-    refuse_if_too_large(floor, spec.device, store.room(pipe.variant, spec.device), request, family,
+    layout = next((e for e in pipe.recipe if hasattr(e, "activation_shares")), None)
+    sequence, rows, sharing = layout.activation_shares(spec.device) if layout else (store.activation_shares or (1, 1, 1))
+    floor = ActivationFloor.of(family, source, request, spec.dtype, sequence_shards=sequence, row_shards=rows)
+    refuse_if_too_large(floor, spec.device, store.room(pipe.variant, spec.device) // sharing, request, family,
                         family.size_multiple(source))
     return request
 
@@ -94,8 +99,10 @@ def generate(
     )
     with report.stage("load"):
         loaded, loaded_now = store.get(pipe.variant)
-    report.counters.update(loaded_this_run=loaded_now, model_load_id=loaded.load_id)
     releases = store.take_releases()
+    if "pool" in loaded.state:
+        return _generate_in_pool(pipe, request, loaded, loaded_now, releases, on_step, previews, report)
+    report.counters.update(loaded_this_run=loaded_now, model_load_id=loaded.load_id)
     if releases:
         report.counters["store_releases"] = releases
     for section, facts in loaded.prepared.items():
@@ -165,4 +172,38 @@ def generate(
         "Omni Accel: %s, %d steps, %d transformer calls, %.2f s",
         spec.name, request.steps, calls, report.stages.get("pipeline", 0.0),
     )
+    return GenerationResult(latent=latent, report=report)
+
+
+def _generate_in_pool(pipe: OmniPipe, request: GenerationRequest, loaded: LoadedModel, loaded_now: bool,
+                      releases: list, on_step, previews: bool, host_report: RunReport) -> GenerationResult:
+    """A parallel layout: every rank runs the recipe's run-time entries; rank 0's latent and report come back,
+    with a `parallel` section saying how the work was split and whether every rank took the same cache
+    decisions."""
+    pool = loaded.state["pool"]
+    run_entries = pipe.run_time_entries
+    with host_report.stage("pipeline_in_workers"):
+        latent, parts = pool.generate(run_entries, request, on_step, previews)
+    report = RunReport.from_parts(parts[0])
+    report.header["recipe"] = pipe.describe()
+    report.stages["load"] = host_report.stages.get("load", 0.0)
+    report.stages["pipeline_in_workers"] = host_report.stages["pipeline_in_workers"]
+    report.counters.update(loaded_this_run=loaded_now, model_load_id=loaded.load_id)
+    if releases:
+        report.counters["store_releases"] = releases
+    layout = pool.layout
+    decisions = {}
+    for kind, key in (("tea_cache", "branches"), ("cache_dit", "denoisers")):
+        if kind in report.sections:
+            per_rank = [p["sections"].get(kind, {}).get(key) for p in parts]
+            decisions[kind] = all(d == per_rank[0] for d in per_rank)
+    report.section("parallel").update(
+        ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree,
+        cfg_parallel_size=layout.cfg_parallel_size, world_size=layout.world_size,
+        backend=layout.resolved_backend(pipe.spec.device), devices=layout.rank_devices(pipe.spec.device),
+        ray_address=layout.ray_address or None, worker_pids=pool.pids, pool_started_this_run=loaded_now,
+        workers_load_seconds=pool.load_seconds, same_cache_decisions_on_every_rank=decisions or None,
+        tokens_per_rank=[p["counters"].get("tokens_in_first_block") for p in parts],
+    )
+    report.counters.pop("tokens_in_first_block", None)
     return GenerationResult(latent=latent, report=report)

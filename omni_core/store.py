@@ -79,6 +79,15 @@ class LoadedModel:
     def label(self) -> str:
         return self.variant.label()
 
+    def healthy(self) -> bool:
+        pool = self.state.get("pool")
+        return pool is None or pool.healthy()
+
+    def close(self) -> None:
+        pool = self.state.get("pool")
+        if pool is not None:
+            pool.shutdown()
+
 
 @dataclass(frozen=True)
 class VaeKey:
@@ -99,6 +108,12 @@ class LoadedVae:
 
     def label(self) -> str:
         return self.key.label()
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,10 @@ def empty_device_caches() -> None:
 
 
 class ModelStore:
+    # (sequence shards, row shards, ranks sharing a device) of the activations of this process's runs, when it
+    # is one rank of a parallel layout; None otherwise.
+    activation_shares: tuple[int, int, int] | None = None
+
     def __init__(self, max_per_device: int = DEFAULT_MAX_PER_DEVICE, memory: DeviceMemory | None = None) -> None:
         if max_per_device < 1:
             raise ValueError("max_per_device must be at least 1")
@@ -171,10 +190,15 @@ class ModelStore:
         """Returns the loaded variant and whether this call had to load it."""
         variant = Variant.of(item)
         with self._lock:
+            # Worker pools hold processes and device memory: only the stack being run keeps its pool.
+            for key in [k for k, h in self._held.items() if "pool" in getattr(h, "state", {}) and k != variant]:
+                self._drop(key, "the stack changed: its worker pool was stopped")
             loaded = self._held.get(variant)
-            if loaded is not None:
+            if loaded is not None and loaded.healthy():
                 self._held.move_to_end(variant)
                 return loaded, False
+            if loaded is not None:
+                self._drop(variant, "its worker pool stopped (a worker died, hung or failed)")
             # Stale entries for the same model (weights re-exported since) are dropped first.
             for key in [k for k in self._held if k.spec.same_model(variant.spec) and k.spec != variant.spec]:
                 self._drop(key, "its weights changed on disk")
@@ -189,6 +213,9 @@ class ModelStore:
     def _load(self, variant: Variant) -> LoadedModel:
         spec = variant.spec
         spec.check_files()
+        remote = next((e for e in variant.entries if getattr(e, "runs_elsewhere", False)), None)
+        if remote is not None:
+            return self._start_elsewhere(variant, remote)
         need = self.device_bytes(variant)
         self._make_room(variant.label(), need)
         start = time.perf_counter()
@@ -221,6 +248,15 @@ class ModelStore:
         return LoadedModel(variant=variant, pipeline=loading.pipeline, load_seconds=seconds, load_id=self._loads,
                            device_bytes=need, prepared=loading.prepared, notes=loading.notes, state=loading.state)
 
+    def _start_elsewhere(self, variant: Variant, entry) -> LoadedModel:
+        """A variant that runs in other processes (a parallel layout): this process holds only its handle.
+        One pool at a time: the devices of an earlier one go to the new layout."""
+        start = time.perf_counter()
+        pool = entry.start(variant)
+        self._loads += 1
+        return LoadedModel(variant=variant, pipeline=None, load_seconds=time.perf_counter() - start,
+                           load_id=self._loads, device_bytes={}, state={"pool": pool})
+
     @contextmanager
     def vae(self, item: Variant | OmniPipe | LoadSpec) -> Iterator[torch.nn.Module]:
         """The VAE of the pipe's model: from a held pipeline of that model if there is one, else loaded alone
@@ -228,9 +264,9 @@ class ModelStore:
         variant = Variant.of(item)
         with self._lock:
             held = self._held.get(variant)
-            if held is None:
-                held = next((h for k, h in self._held.items() if isinstance(h, LoadedModel) and k.spec == variant.spec),
-                            None)
+            if held is None or held.pipeline is None:
+                held = next((h for k, h in self._held.items()
+                             if isinstance(h, LoadedModel) and k.spec == variant.spec and h.pipeline is not None), None)
             if held is not None:
                 self._held.move_to_end(held.variant)
                 vae = held.pipeline.vae
@@ -303,6 +339,7 @@ class ModelStore:
 
     def _drop(self, key, reason: str) -> None:
         held = self._held.pop(key)
+        held.close()
         for device in held.device_bytes or {key.spec.device: 0}:
             self._releases.append(Release(held.label(), device, reason))
         log.info("Omni Accel: released %s (%s)", held.label(), reason)
@@ -334,6 +371,11 @@ class ModelStore:
             return [{"what": h.label(), "kind": "vae" if isinstance(h, LoadedVae) else "pipeline",
                      "device": k.spec.device, "bytes": h.device_bytes, "load_id": h.load_id}
                     for k, h in self._held.items()]
+
+    def peek(self, item: Variant | OmniPipe | LoadSpec) -> LoadedModel | None:
+        """The held variant, if it is held (never loads)."""
+        with self._lock:
+            return self._held.get(Variant.of(item))
 
     def loaded_variants(self) -> list:
         with self._lock:

@@ -115,6 +115,9 @@ def decode_latent(pipe: OmniPipe, samples: torch.Tensor, options: DecodeOptions,
     """The VAE Tiled Decode node's work: check the memory floor, get the VAE (alone if the pipeline is not
     held), decode."""
     spec = pipe.spec
+    held = store.peek(pipe)
+    if held is not None and "pool" in held.state and held.healthy():
+        return held.state["pool"].decode(samples, options)  # rank 0 holds the VAE; this process holds none
     with store.vae(pipe) as vae:
         floor = decode_floor_bytes(vae, samples, options, DTYPE_BYTES[spec.dtype])
         free = store.memory.free(spec.device)

@@ -158,6 +158,17 @@ class CacheDiT(Accelerator):
                                        f"build a mask for {count}.", "other steps, or scm_steps_mask_policy none")
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order) if self.enable_taylorseer else None
         denoisers = {name: module for name, module in run.denoisers().items() if steps.get(name)}
+        if run.loaded.state.get("cache_dit_enabled"):
+            # A rank of a sequence-parallel layout: cache-dit set its cache up with the split when the model
+            # loaded; this run gives it its settings.
+            with quiet_cache_dit():
+                for name, transformer in denoisers.items():
+                    cache_dit.refresh_context(transformer, cache_config=self.cache_config(steps[name], separate_cfg),
+                                              calibrator_config=calibrator)
+            yield
+            with run.report.writing("Cache-DiT"):
+                self._report(run, denoisers, steps, separate_cfg)
+            return
         enabled = []
         try:
             with quiet_cache_dit():

@@ -62,11 +62,15 @@ def rescale(coefficients: tuple[float, ...], rel_l1: torch.Tensor) -> torch.Tens
     return value.clamp_min(0.0)
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Per batch row: mean|current - previous| / mean|previous| (inf where previous is all zero)."""
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, reduce_sum=None) -> torch.Tensor:
+    """Per batch row: sum|current - previous| / sum|previous| (= the ratio of the means; inf where previous is
+    all zero). Under sequence parallelism each rank holds a slice of the tokens: `reduce_sum` adds the two
+    sums over the ranks, so every rank gets the same value and takes the same decision."""
     dims = tuple(range(1, current.ndim))
-    change = (current.float() - previous.float()).abs().mean(dim=dims)
-    base = previous.float().abs().mean(dim=dims)
+    sums = torch.stack([(current.float() - previous.float()).abs().sum(dim=dims), previous.float().abs().sum(dim=dims)])
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+    change, base = sums[0], sums[1]
     return torch.where(base > 0, change / base.clamp_min(1e-30), torch.full_like(base, float("inf")))
 
 
@@ -198,7 +202,7 @@ class TeaCacheController:
         if state.previous_signal is None or state.residual is None:
             rel = torch.full((rows,), float("inf"))
         else:
-            rel = relative_l1(signal, state.previous_signal).cpu()
+            rel = relative_l1(signal, state.previous_signal, self.run.reduce_sum).cpu()
         state.previous_signal = signal
         finite = torch.isfinite(rel)
         state.accumulated = state.accumulated + torch.where(finite, rescale(self.table.values, torch.where(finite, rel, 0.0)), 0.0)

@@ -173,6 +173,10 @@ class ModelFamily:
         config = source.component_config("transformer")
         return int(config["num_attention_heads"] * config["attention_head_dim"])
 
+    def sequence_parallel_problem(self, source: ModelSource) -> str | None:
+        """Why this model's tokens cannot be split over ranks (Ulysses/Ring), or None."""
+        return None
+
     def latent_frames(self, source: ModelSource, request: GenerationRequest) -> int:
         return 1
 

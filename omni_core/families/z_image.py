@@ -50,6 +50,13 @@ class ZImageFamily(ModelFamily):
     def hidden_size(self, source: ModelSource) -> int:
         return int(source.component_config("transformer")["dim"])
 
+    def sequence_parallel_problem(self, source: ModelSource) -> str | None:
+        refiners = source.component_config("transformer").get("n_refiner_layers", 0)
+        if refiners < 2:
+            return (f"Z-Image's sequence-parallel plan splits tokens at its first refiner layer and gathers them after "
+                    f"its last; '{source.name}' has {refiners} refiner layer(s) and needs 2 or more")
+        return None
+
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"guidance_scale": request.cfg - 1 if request.cfg > 1 else 0.0}, []
 

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-
+from ..block_hooks import PLACEMENT, add_handler
 from ..errors import InvalidInput
 from ..recipe import Accelerator
 from ..single_file import empty_component
 from .streamer import WeightStreamer, can_pin
 
 MODES = ("layerwise", "model")
-HOOK_NAME = "omni_offload"
 
 
 @dataclass
@@ -49,27 +47,25 @@ class MoveLog:
         self.resident_max = max(self.resident_max, resident)
 
 
-class StreamedBlockHook(ModelHook):
-    """Loads its block (and the next ones it is asked to look ahead at) before the block runs, drops it after."""
+class StreamedBlock:
+    """A block-chain handler: loads its block (and the next ones it looks ahead at) before the block runs,
+    drops it after. Innermost in the chain, so a cache that skips the block never loads it."""
 
     def __init__(self, streamer: WeightStreamer, index: int, lookahead: int):
-        super().__init__()
         self.streamer, self.index, self.lookahead = streamer, index, lookahead
 
     @torch.compiler.disable
-    def pre_forward(self, module, *args, **kwargs):
-        self.ensure_ready(module)
+    def __call__(self, block, call_next, args, kwargs):
+        self.ensure_ready(block)
         last = min(self.index + self.lookahead, len(self.streamer.units) - 1)
         for ahead in range(self.index + 1, last + 1):
             self.streamer.load(ahead, wait=False)
-        return args, kwargs
+        try:
+            return call_next(*args, **kwargs)
+        finally:
+            self.streamer.drop(self.index)
 
-    @torch.compiler.disable
-    def post_forward(self, module, output):
-        self.streamer.drop(self.index)
-        return output
-
-    def ensure_ready(self, module) -> None:
+    def ensure_ready(self, block) -> None:
         """Called by caches that read a block's weights without running it (TeaCache's signal)."""
         self.streamer.load(self.index)
 
@@ -100,8 +96,7 @@ class LayerwisePlacement(Placement):
             streamer.on_move = functools.partial(self.count, streamer)
             self.streamers.append(streamer)
             for index, block in enumerate(blocks):
-                HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                    StreamedBlockHook(streamer, index, lookahead), HOOK_NAME)
+                add_handler(block, "omni_offload", StreamedBlock(streamer, index, lookahead), PLACEMENT)
             # Blocks prefetched for a call that a cache then skipped are dropped when the call ends.
             denoiser.register_forward_hook(lambda module, args, output, s=streamer: s.drop_all())
         pipeline.to(device)  # everything but the blocks, whose device tensors are empty placeholders

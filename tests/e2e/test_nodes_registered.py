@@ -31,6 +31,10 @@ EXPECTED_INPUTS = {
     "OmniLayerwiseOffload": {
         "pipe": "OMNI_PIPE", "mode": "COMBO", "blocks_on_device": "INT", "prefetch": "BOOLEAN", "pin_memory": "BOOLEAN",
     },
+    "OmniParallelConfig": {
+        "pipe": "OMNI_PIPE", "ulysses_degree": "INT", "ring_degree": "INT", "cfg_parallel_size": "INT", "backend": "COMBO",
+        "devices": "STRING", "ray_address": "STRING",
+    },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
         "slicing": "BOOLEAN",
@@ -44,10 +48,11 @@ EXPECTED_OUTPUTS = {
     "OmniCacheDiT": ["OMNI_PIPE"],
     "OmniFP8Quantize": ["OMNI_PIPE"],
     "OmniLayerwiseOffload": ["OMNI_PIPE"],
+    "OmniParallelConfig": ["OMNI_PIPE"],
 }
 DISPLAY_NAMES = {"OmniLoader": "Omni Loader", "OmniSampler": "Sampler", "OmniVAETiledDecode": "VAE Tiled Decode",
                  "OmniTeaCache": "TeaCache", "OmniCacheDiT": "Cache-DiT", "OmniFP8Quantize": "FP8 Quantize",
-                 "OmniLayerwiseOffload": "Layerwise Offload"}
+                 "OmniLayerwiseOffload": "Layerwise Offload", "OmniParallelConfig": "Parallel Config"}
 
 
 def _inputs(info: dict) -> dict:
@@ -64,7 +69,6 @@ def test_pack_nodes_and_only_those(comfy):
     object_info = comfy.get_json("/object_info")
     ours = {name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui-omni-accel")}
     assert ours == set(EXPECTED_INPUTS)
-    assert "OmniParallelConfig" not in object_info
 
 
 def test_inputs_types_defaults_and_tooltips(comfy):
@@ -187,3 +191,8 @@ def test_memory_nodes_defaults_follow_the_issues(comfy):
             offload["pin_memory"][1]["default"]) == (1, True, True)
     loader = _inputs(comfy.get_json("/object_info/OmniLoader")["OmniLoader"])
     assert _options(loader["compile"]) == ["off", "regional"] and loader["compile"][1]["default"] == "off"
+    parallel = _inputs(comfy.get_json("/object_info/OmniParallelConfig")["OmniParallelConfig"])
+    defaults = {name: spec[1]["default"] for name, spec in parallel.items() if name != "pipe"}
+    assert defaults == {"ulysses_degree": 1, "ring_degree": 1, "cfg_parallel_size": 1, "backend": "auto",
+                        "devices": "", "ray_address": ""}
+    assert _options(parallel["backend"]) == ["auto", "nccl", "gloo"] and parallel["cfg_parallel_size"][1]["max"] == 2

@@ -11,7 +11,7 @@ from .tokenizer import QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
 
 # tiny: small enough for quick tests; quant: hidden 256, rows long enough for every GGUF block size
 WIDTHS = {"tiny": dict(dim=32, n_layers=2, n_refiner_layers=2, axes_dims=[8, 4, 4]),
-          "quant": dict(dim=256, n_layers=1, n_refiner_layers=1, axes_dims=[32, 48, 48])}
+          "quant": dict(dim=256, n_layers=1, n_refiner_layers=2, axes_dims=[32, 48, 48])}
 
 
 def build(seed: int = 0, width: str = "tiny") -> ZImagePipeline:

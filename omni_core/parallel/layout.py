@@ -1,0 +1,175 @@
+"""Parallel Config: a load-time entry whose variant runs in a pool of worker processes, one per rank.
+
+Ranks: cfg_parallel_size x ring_degree x ulysses_degree. The CFG dimension is outermost: ranks
+[0 .. n/2) compute the prompt's branch, the others the negative prompt's; inside each half, the sequence
+(tokens) is split over ring x ulysses ranks. The ComfyUI process holds no copy of the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import IncompatibleStack, InvalidInput
+from ..recipe import Accelerator
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def cpu_ranks_allowed() -> int:
+    """CPU ranks a layout may use: one per core, unless OMNI_ACCEL_CPU_RANKS says otherwise."""
+    return int(os.environ.get("OMNI_ACCEL_CPU_RANKS", "0")) or (os.cpu_count() or 1)
+
+
+def parse_devices(text: str) -> tuple[int, ...]:
+    """'0,1,2,3' -> (0, 1, 2, 3); '' -> () (every visible GPU)."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        raise InvalidInput("devices", f"'{text}' is not a list of GPU indices.", "e.g. 0,1,2,3, or empty for all visible")
+    devices = tuple(int(part) for part in text.split(","))
+    if len(set(devices)) != len(devices):
+        raise InvalidInput("devices", f"'{text}' names a GPU twice.", "each index once")
+    return devices
+
+
+def ray_problem(address: str) -> str | None:
+    """Why the Ray cluster at `address` cannot be used, or None."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "Ray is not installed in ComfyUI's Python: pip install 'ray[default]' (or the pack's [ray] extra)"
+    host, _, port = address.rpartition(":")
+    host = host or address
+    try:
+        with socket.create_connection((host, int(port or 6379)), timeout=2):
+            return None
+    except (OSError, ValueError) as exc:
+        return f"nothing answers at {address} ({exc.__class__.__name__}): start it with `ray start --head`"
+
+
+@dataclass(frozen=True)
+class ParallelConfig(Accelerator):
+    kind: ClassVar[str] = "parallel"
+    display_name: ClassVar[str] = "Parallel Config"
+    exclusive_group: ClassVar[str] = "parallel"
+    load_time: ClassVar[bool] = True
+    load_order: ClassVar[int] = 90
+    runs_elsewhere: ClassVar[bool] = True  # the store starts a worker pool instead of loading here
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_parallel_size: int = 1
+    backend: str = "auto"
+    devices: tuple[int, ...] = ()
+    ray_address: str = ""
+    # Set in the variant key when the stack has Cache-DiT and splits the sequence: cache-dit then enables its
+    # cache together with the split when the workers load (its hooks must be set up in that order).
+    cache_dit_at_load: bool = False
+
+    def __post_init__(self):
+        for name in ("ulysses_degree", "ring_degree"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(name, f"{getattr(self, name)} is not a degree.", "1 or more")
+        if self.cfg_parallel_size not in (1, 2):
+            raise InvalidInput("cfg_parallel_size", f"{self.cfg_parallel_size}: there are two CFG branches.", "1 or 2")
+        if self.backend not in BACKENDS:
+            raise InvalidInput("backend", f"'{self.backend}' is not a backend.", BACKENDS)
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree * self.cfg_parallel_size
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    def resolved_backend(self, device: str) -> str:
+        return ("nccl" if device.startswith("cuda") else "gloo") if self.backend == "auto" else self.backend
+
+    def rank_devices(self, device: str) -> list[str]:
+        if not device.startswith("cuda"):
+            return ["cpu"] * self.world_size
+        indices = self.devices or tuple(range(torch.cuda.device_count()))
+        return [f"cuda:{i}" for i in indices[: self.world_size]]
+
+    # --- checks (before any work) -----------------------------------------------------------------
+    def check_model(self, spec) -> None:
+        family = spec.model_family
+        source = spec.source
+        on_gpu = spec.device.startswith("cuda")
+        if on_gpu:
+            visible = torch.cuda.device_count()
+            bad = [i for i in self.devices if i >= visible]
+            if bad:
+                raise InvalidInput("devices", f"GPU {bad[0]} does not exist; this machine has {visible}.",
+                                   f"indices 0 to {visible - 1}")
+            available = len(self.devices or range(visible))
+            where = f"{available} GPU(s)" + (f" ({', '.join(map(str, self.devices))})" if self.devices else "")
+        else:
+            available = cpu_ranks_allowed()
+            where = f"{available} CPU core(s) (OMNI_ACCEL_CPU_RANKS allows more)"
+        if self.world_size > available and not self.ray_address:
+            raise InvalidInput(
+                "ulysses_degree, ring_degree, cfg_parallel_size",
+                f"{self.cfg_parallel_size} x {self.ring_degree} x {self.ulysses_degree} = {self.world_size} ranks, "
+                f"but this stack runs on {where}.", f"degrees whose product is at most {available}",
+            )
+        if self.ring_degree > 1 and not on_gpu:
+            raise InvalidInput("ring_degree", "Ring attention has no CPU kernel (it needs flash attention on a GPU).",
+                               "1 on the CPU (use ulysses_degree)")
+        if self.backend == "nccl" and not on_gpu:
+            raise InvalidInput("backend", "nccl needs GPUs; this stack runs on the CPU.", "auto or gloo")
+        heads = family.attention_heads(source)
+        if heads % self.ulysses_degree:
+            raise InvalidInput("ulysses_degree", f"'{spec.name}' has {heads} attention heads, which "
+                               f"{self.ulysses_degree} Ulysses ranks cannot split evenly.",
+                               f"a divisor of {heads}: " + ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0))
+        if self.sequence_degree > 1:
+            problem = family.sequence_parallel_problem(source)
+            if problem:
+                raise IncompatibleStack(f"Parallel Config: {problem}")
+        if self.ray_address:
+            problem = ray_problem(self.ray_address)
+            if problem:
+                raise InvalidInput("ray_address", problem, "an address of a running Ray cluster, or empty")
+
+    def for_recipe(self, recipe) -> "ParallelConfig":
+        from dataclasses import replace
+
+        with_cache_dit = self.sequence_degree > 1 and any(e.kind == "cache_dit" for e in recipe)
+        return replace(self, cache_dit_at_load=with_cache_dit)
+
+    def check_stack(self, others) -> None:
+        caches = [e.display_name for e in others if getattr(e, "exclusive_group", None) == "cache"]
+        if self.cfg_parallel_size == 2 and caches:
+            raise IncompatibleStack(
+                f"Parallel Config: CFG parallel cannot be combined with {caches[0]} yet (each rank sees one branch, "
+                "the cache expects both). Use ulysses_degree for parallelism with a cache, or remove the cache."
+            )
+
+    def check_request(self, spec, request) -> None:
+        if self.cfg_parallel_size == 2 and request.cfg <= 1:
+            raise InvalidInput("cfg", f"{request.cfg}: CFG parallel runs the prompt and the negative prompt on two ranks, "
+                               "and cfg <= 1 turns CFG off.", "above 1, or cfg_parallel_size 1")
+
+    # --- memory: nothing of the pipeline lives in this process --------------------------------------
+    def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:
+        return {}
+
+    def activation_shares(self, device: str) -> tuple[int, int, int]:
+        """(sequence shards, batch-row shards, ranks sharing one device's memory) for the request floor."""
+        sharing = self.world_size if not device.startswith("cuda") else 1
+        return self.sequence_degree, self.cfg_parallel_size, sharing
+
+    # --- load: start the workers --------------------------------------------------------------------
+    def start(self, variant):
+        from .pool import WorkerPool
+
+        return WorkerPool(self, variant).start()

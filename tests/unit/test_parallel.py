@@ -1,0 +1,100 @@
+"""Parallel Config in-process: validation before any work, the Ray path, and a CFG x Ulysses layout (4 CPU
+ranks). The same layouts through the real server are in tests/e2e/test_parallel_node.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, ModelStore, generate
+from omni_core.cache.teacache import TeaCache
+from omni_core.parallel.layout import ParallelConfig, parse_devices
+from tests.helpers import tiny_pipe
+
+REQUEST = GenerationRequest(prompt="a red circle at the top left", negative_prompt="blurry", seed=3, steps=4,
+                            cfg=4.0, width=32, height=32)
+
+
+def test_impossible_layouts_are_refused_before_any_work(model_dirs, monkeypatch):
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "2")
+    qwen = tiny_pipe(model_dirs, "quant-qwen-image")  # 4 heads
+    with pytest.raises(InvalidInput, match=r"^ulysses_degree, ring_degree, cfg_parallel_size: 2 x 1 x 2 = 4 ranks, "
+                                           r"but this stack runs on 2 CPU core\(s\)"):
+        qwen.with_accelerator(ParallelConfig(ulysses_degree=2, cfg_parallel_size=2))
+    with pytest.raises(InvalidInput, match="ulysses_degree: 'tiny-qwen-image' has 3 attention heads, which 2 Ulysses "
+                                           "ranks cannot split evenly. Valid: a divisor of 3: 1, 3"):
+        tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(ParallelConfig(ulysses_degree=2))
+    with pytest.raises(InvalidInput, match="ring_degree: Ring attention has no CPU kernel"):
+        qwen.with_accelerator(ParallelConfig(ring_degree=2))
+    with pytest.raises(InvalidInput, match="backend: nccl needs GPUs"):
+        qwen.with_accelerator(ParallelConfig(backend="nccl"))
+    with pytest.raises(InvalidInput, match="cfg_parallel_size: 3: there are two CFG branches"):
+        ParallelConfig(cfg_parallel_size=3)
+    with pytest.raises(InvalidInput, match="devices: '0,0' names a GPU twice"):
+        parse_devices("0,0")
+    with pytest.raises(InvalidInput, match="ray_address: nothing answers at 127.0.0.1:1 "):
+        qwen.with_accelerator(ParallelConfig(ulysses_degree=2, ray_address="127.0.0.1:1"))
+    layout = qwen.with_accelerator(ParallelConfig(cfg_parallel_size=2))
+    with pytest.raises(InvalidInput, match=r"^cfg: 1.0: CFG parallel runs the prompt and the negative prompt"):
+        generate(layout, GenerationRequest(prompt="x", steps=2, cfg=1.0, width=32, height=32), ModelStore())
+    with pytest.raises(IncompatibleStack, match="CFG parallel cannot be combined with TeaCache yet"):
+        qwen.with_accelerator(TeaCache()).with_accelerator(ParallelConfig(cfg_parallel_size=2))
+
+
+def test_z_image_with_one_refiner_layer_cannot_split_its_sequence(model_dirs, tmp_path):
+    from omni_core import LoadSpec, OmniPipe
+
+    folder = tmp_path / "z1"
+    shutil.copytree(model_dirs["tiny-z-image"], folder)
+    config = folder / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"n_refiner_layers": 2', '"n_refiner_layers": 1'))
+    with pytest.raises(IncompatibleStack, match="'z1' has 1 refiner layer\\(s\\) and needs 2 or more"):
+        OmniPipe(LoadSpec.create(folder, "z1")).with_accelerator(ParallelConfig(ulysses_degree=2))
+
+
+@pytest.mark.slow
+def test_cfg_parallel_times_ulysses_on_four_ranks(model_dirs, monkeypatch):
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "4")
+    pipe = tiny_pipe(model_dirs, "quant-qwen-image")
+    single = generate(pipe, REQUEST, ModelStore()).latent
+    store = ModelStore()
+    result = generate(pipe.with_accelerator(ParallelConfig(ulysses_degree=2, cfg_parallel_size=2)), REQUEST, store)
+    section = result.report.sections["parallel"]
+    assert section["world_size"] == 4 and len(set(section["worker_pids"])) == 4
+    full_tokens = 16  # 32x32 through the 8x VAE and 2x2 patches, per CFG branch
+    assert section["tokens_per_rank"] == [full_tokens // 2] * 4, "each rank projects half of its branch's tokens"
+    assert (result.latent - single).abs().max() <= 1e-5
+    store.release()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ray") is None and not os.path.exists(
+    os.path.join(os.path.dirname(os.sys.executable), "ray")), reason="the ray CLI is part of the dev environment")
+def test_ray_actors_give_the_local_pools_output(model_dirs):
+    ray_cli = os.path.join(os.path.dirname(os.sys.executable), "ray")
+    port = "6391"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        pipe = tiny_pipe(model_dirs, "quant-qwen-image")
+        store = ModelStore()
+        local = generate(pipe.with_accelerator(ParallelConfig(ulysses_degree=2)), REQUEST, store)
+        remote = generate(pipe.with_accelerator(ParallelConfig(ulysses_degree=2, ray_address=f"127.0.0.1:{port}")),
+                          REQUEST, store)
+        assert torch.equal(remote.latent, local.latent)
+        assert remote.report.sections["parallel"]["ray_address"] == f"127.0.0.1:{port}"
+        assert set(remote.report.sections["parallel"]["worker_pids"]).isdisjoint(local.report.sections["parallel"]["worker_pids"])
+        store.release()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        time.sleep(1)
