@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "example_workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
 
 
-def workflow_prompt(name: str = "qwen_image_api.json", **node_inputs: dict) -> dict:
-    """The shipped API workflow with some node inputs replaced: workflow_prompt(**{"2": {"seed": 3}})."""
-    prompt = json.loads((WORKFLOWS / name).read_text())
+def workflow_prompt(name: str = "qwen_image", **node_inputs: dict) -> dict:
+    """The shipped workflow's API twin with some node inputs replaced: workflow_prompt(**{"2": {"seed": 3}})."""
+    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     for node_id, inputs in node_inputs.items():
         prompt[node_id]["inputs"].update(inputs)
     return prompt

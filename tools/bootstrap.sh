@@ -57,6 +57,17 @@ EOF
   touch "$comfy/.complete"
 fi
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download does not work here).
+if [ -z "${OMNI_ACCEL_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  log "installing Debian's chromium for the browser tests"
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else sudo="none"; fi
+  if [ "$sudo" = none ] || ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+    echo "could not install chromium: run 'apt-get install -y --no-install-recommends chromium' as root," \
+         "or set OMNI_ACCEL_CHROMIUM to a Chromium executable" >&2
+    exit 1
+  fi
+fi
+
 build="$ROOT/.build"
 mkdir -p "$build"
 ln -sfn "$venv" "$build/venv"

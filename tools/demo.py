@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import build_models  # noqa: E402
 from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
 
-WORKFLOW = ROOT / "workflows" / "qwen_image_api.json"
+WORKFLOW = ROOT / "example_workflows" / "api" / "qwen_image.json"
 OUT = ROOT / "out" / "demo"
 
 

@@ -1,0 +1,140 @@
+"""Rebuilds the shipped workflows with ComfyUI's own editor, and their thumbnails by running them.
+
+The API files in example_workflows/api/ are the recipes as authored. For each one, the real editor (headless
+Chromium on a real server) loads it, and what it writes back is shipped:
+  - example_workflows/<name>.json      the UI workflow, as the editor serializes it (app.graph.serialize),
+  - example_workflows/api/<name>.json  the API twin, as the editor converts the UI file (app.graphToPrompt),
+  - example_workflows/<name>.jpg       the thumbnail ComfyUI's template browser shows: the workflow's own
+                                       output on the small models, produced by running it,
+  - docs/images/                       the README's pictures (the stack in the editor, outputs side by side).
+
+  .build/venv/bin/python tools/workflows.py [name ...]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.comfy_harness import ROOT, ComfyServer  # noqa: E402
+from tools.editor import browser, editor  # noqa: E402
+from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
+
+WORKFLOWS = ROOT / "example_workflows"
+API = WORKFLOWS / "api"
+IMAGES = ROOT / "docs" / "images"
+THUMBNAIL_SIZE = 256
+SAVERS = ("SaveImage", "SaveAnimatedWEBP")
+# The README's side-by-side picture: the plain workflow, then accelerated ones with the same seed and prompt.
+SIDE_BY_SIDE = ("qwen_image", "qwen_image_teacache", "qwen_image_cachedit", "qwen_image_fp8_cachedit",
+                "qwen_image_dbcache_taylorseer")
+EDITOR_PICTURE = "qwen_image_fp8_cachedit"
+
+
+def parallel_ranks(prompt: dict) -> int:
+    """Ranks a workflow's Parallel Config asks for (1 without one)."""
+    ranks = 1
+    for node in prompt.values():
+        if node["class_type"] == "OmniParallelConfig":
+            inputs = node["inputs"]
+            ranks = inputs["ulysses_degree"] * inputs["ring_degree"] * inputs["cfg_parallel_size"]
+    return ranks
+
+
+def saver_id(prompt: dict) -> str:
+    return next(node_id for node_id, node in prompt.items() if node["class_type"] in SAVERS)
+
+
+def first_frame(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.seek(0)
+    return image.convert("RGB")
+
+
+def thumbnail(image: Image.Image) -> Image.Image:
+    scale = max(1, THUMBNAIL_SIZE // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def editor_roundtrip(page, prompt: dict, name: str) -> tuple[dict, dict]:
+    """(UI workflow, API twin) as the editor makes them from an API prompt; the UI file reloads to itself."""
+    page.load_api(prompt, name)
+    page.fix_seeds()
+    workflow = page.serialize()
+    for _ in range(3):  # a node takes its drawn size on the first frame after a load
+        page.load_ui(workflow, name)
+        again = page.serialize()
+        if again == workflow:
+            break
+        workflow = again
+    else:
+        raise RuntimeError(f"{name}: the editor does not serialize this workflow to a fixed point")
+    if problems := page.problems():
+        raise RuntimeError(f"{name}: the editor reports problems:\n" + "\n".join(problems))
+    return workflow, page.to_prompt()
+
+
+def side_by_side(outputs: dict[str, Image.Image]) -> Image.Image:
+    baseline = np.asarray(outputs[SIDE_BY_SIDE[0]], dtype=np.float64)
+    tiles = []
+    for name in SIDE_BY_SIDE:
+        image = thumbnail(outputs[name])
+        mse = np.mean((np.asarray(outputs[name], dtype=np.float64) - baseline) ** 2)
+        label = name.removeprefix("qwen_image_") if name != SIDE_BY_SIDE[0] else "baseline"
+        if name != SIDE_BY_SIDE[0]:
+            label += f"  {10 * np.log10(255**2 / mse):.1f} dB" if mse else "  identical"
+        tile = Image.new("RGB", (image.width, image.height + 24), "white")
+        tile.paste(image, (0, 24))
+        ImageDraw.Draw(tile).text((4, 6), label, fill="black")
+        tiles.append(tile)
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), tiles[0].height), "white")
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + 8
+    return strip
+
+
+def main(names: list[str]) -> int:
+    sources = sorted(API.glob("*.json"))
+    if names:
+        sources = [p for p in sources if p.stem in names]
+    prompts = {p.stem: json.loads(p.read_text()) for p in sources}
+    # The multi-GPU recipe runs here on CPU ranks (gloo) to make its thumbnail.
+    os.environ["OMNI_ACCEL_CPU_RANKS"] = str(max(parallel_ranks(p) for p in prompts.values()))
+    models = build_models(ROOT / ".build" / "test-models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
+    outputs: dict[str, Image.Image] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        (base / "models" / "diffusers").mkdir(parents=True)
+        for path in models:
+            (base / "models" / "diffusers" / path.name).symlink_to(path, target_is_directory=True)
+        with ComfyServer(base) as server, browser() as instance, editor(instance, server) as page:
+            for name, prompt in prompts.items():
+                workflow, twin = editor_roundtrip(page, prompt, name)
+                (WORKFLOWS / f"{name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
+                (API / f"{name}.json").write_text(json.dumps(twin, indent=2) + "\n")
+                if name == EDITOR_PICTURE:
+                    page.screenshot(IMAGES / "editor_stack.png")
+                entry = server.run(twin)
+                [data] = server.output_files(entry, saver_id(twin))
+                outputs[name] = first_frame(data)
+                thumbnail(outputs[name]).save(WORKFLOWS / f"{name}.jpg", quality=92)
+                print(f"{name}: UI file, API twin and thumbnail written", flush=True)
+    if all(name in outputs for name in SIDE_BY_SIDE):
+        side_by_side(outputs).save(IMAGES / "baseline_vs_accelerated.png")
+        print(f"{IMAGES / 'baseline_vs_accelerated.png'} written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
