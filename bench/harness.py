@@ -11,6 +11,7 @@ import ast
 import contextlib
 import io
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ class Row:
     fraction: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
     cuda_peak: list[int] = field(default_factory=list)
+    raw: list[dict] = field(default_factory=list)  # one entry per timed repetition
 
 
 def machine() -> str:
@@ -78,36 +80,48 @@ def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationReq
 
 
 def measure(rows: list[Row], pipe: OmniPipe, store: ModelStore, requests: list[GenerationRequest], rounds: int,
-            log: Callable[[str], None] = print) -> None:
-    """Interleaved: every round runs every row on every request once."""
+            seed: int = 0, log: Callable[[str], None] = print) -> list[list[str]]:
+    """Interleaved: every round runs every row on every request once, the rows in an order shuffled per round
+    (random.Random(seed + round)); warm-up runs are not timed. Returns the row order of each round."""
     for row in rows:  # warm-up: first-call allocations, lazy imports
         run_once(row, pipe, store, requests[0])
+    orders = []
     for round_index in range(rounds):
-        for row in rows:
+        order = list(rows)
+        random.Random(seed + round_index).shuffle(order)
+        orders.append([row.name for row in order])
+        for row in order:
             for i, request in enumerate(requests):
                 seconds, image, report = run_once(row, pipe, store, request)
+                fraction = report["block_passes"]["fraction_computed"]
                 row.times.append(seconds)
                 row.images[i] = image
-                row.fraction.append(report["block_passes"]["fraction_computed"])
+                row.fraction.append(fraction)
                 row.peak_rss.append(report["memory"]["cpu_rss_peak_bytes"])
+                row.raw.append({"round": round_index, "prompt": i, "seconds": seconds, "fraction_computed": fraction})
                 if "cuda_allocated_peak_bytes" in report["memory"]:
                     row.cuda_peak.append(report["memory"]["cuda_allocated_peak_bytes"])
         log(f"round {round_index + 1}/{rounds} done")
+    return orders
 
 
 def summarize(rows: list[Row], baseline: Row) -> list[dict]:
     base_time = statistics.median(baseline.times)
     out = []
     for row in rows:
-        pairs = [(row.images[i], baseline.images[i]) for i in baseline.images]
+        pairs = [(row.images[i], baseline.images[i]) for i in sorted(baseline.images)]
+        scores = [{"prompt": i, "psnr_db": min(psnr(a, b), 99.0), "ssim": ssim(a, b)}
+                  for i, (a, b) in zip(sorted(baseline.images), pairs)]
         out.append({
             "name": row.name,
             "method": row.method,
             "median_s": statistics.median(row.times),
             "speedup": base_time / statistics.median(row.times),
             "fraction_computed": float(np.mean(row.fraction)),
-            "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])),
-            "ssim": float(np.mean([ssim(a, b) for a, b in pairs])),
+            "psnr_db": float(np.mean([s["psnr_db"] for s in scores])),
+            "ssim": float(np.mean([s["ssim"] for s in scores])),
+            "per_prompt": scores,
+            "repetitions": row.raw,
             "peak_rss_mb": max(row.peak_rss) / 2**20,
             "cuda_peak_mb": max(row.cuda_peak) / 2**20 if row.cuda_peak else None,
         })

@@ -64,15 +64,19 @@ def diffusers_rows(steps: int, fbc_thresholds, mag_ratios: list[float] | None) -
     return rows
 
 
+ROW_ORDER_SEED = 2026  # the rows' order is shuffled per round from this seed (recorded in results.json)
+
+
 def scenario(name: str, folder: Path, requests: list[GenerationRequest], rows_fn, rounds: int, store: ModelStore,
              spec: LoadSpec | None = None) -> tuple[dict, list[Row]]:
     pipe = OmniPipe(spec or LoadSpec.create(folder, folder.name))
     rows = rows_fn(pipe, store, requests[0])
     log(f"{name}: {len(rows)} rows x {len(requests)} prompts x {rounds} rounds")
-    measure(rows, pipe, store, requests, rounds, log)
+    orders = measure(rows, pipe, store, requests, rounds, ROW_ORDER_SEED, log)
     table = summarize(rows, rows[0])
     return {"name": name, "model": folder.name, "request": {k: v for k, v in vars(requests[0]).items() if k != "images"},
-            "prompts": [r.prompt for r in requests], "rounds": rounds, "rows": table,
+            "prompts": [r.prompt for r in requests], "rounds": rounds, "row_order_seed": ROW_ORDER_SEED,
+            "row_order_per_round": orders, "rows": table,
             "grid": {row.name: row.images[0] for row in rows}}, rows
 
 

@@ -1,6 +1,7 @@
 """make demo: start a real ComfyUI with the pack, run the shipped Qwen-Image workflow, keep the outputs.
 
-Leaves the image(s) and the run report under out/demo/ and prints where they are.
+Leaves the image(s) and the run report under out/demo/, prints where they are, and ends with the address
+of the editor with the pack and its workflows (kept up until Ctrl-C when run from a terminal).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.tiny_models import build_models  # noqa: E402
+from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
 
 WORKFLOW = ROOT / "example_workflows" / "api" / "qwen_image.json"
 OUT = ROOT / "out" / "demo"
+PORT = 8188
 
 
 def main() -> int:
@@ -47,7 +49,22 @@ def main() -> int:
         print(f"[demo] image:  {path}")
     print(f"[demo] report: {report_path}")
     print(f"[demo] server log: {OUT / 'comfyui.log'}")
-    return 0 if written else 1
+    if not written:
+        return 1
+    if sys.stdin.isatty():  # someone is watching: leave the editor up for them, with every shipped workflow's model
+        build_models(base / "models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
+        with ComfyServer(base, port=PORT, extra_args=["--preview-method", "auto"], log_path=OUT / "comfyui.log"):
+            print(f"[demo] open the editor with the pack: http://127.0.0.1:{PORT}  (workflows: Templates ->"
+                  f" Extensions -> comfyui-omni-accel; Ctrl-C stops)", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    else:
+        print(f"[demo] to open the editor with the pack: make serve, then http://127.0.0.1:{PORT}"
+              " (workflows: Templates -> Extensions -> comfyui-omni-accel)")
+    return 0
 
 
 if __name__ == "__main__":

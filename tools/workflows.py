@@ -84,14 +84,17 @@ def editor_roundtrip(page, prompt: dict, name: str) -> tuple[dict, dict]:
 
 
 def side_by_side(outputs: dict[str, Image.Image]) -> Image.Image:
-    baseline = np.asarray(outputs[SIDE_BY_SIDE[0]], dtype=np.float64)
+    from bench.harness import psnr, ssim
+
+    baseline = np.asarray(outputs[SIDE_BY_SIDE[0]])
     tiles = []
     for name in SIDE_BY_SIDE:
         image = thumbnail(outputs[name])
-        mse = np.mean((np.asarray(outputs[name], dtype=np.float64) - baseline) ** 2)
         label = name.removeprefix("qwen_image_") if name != SIDE_BY_SIDE[0] else "baseline"
         if name != SIDE_BY_SIDE[0]:
-            label += f"  {10 * np.log10(255**2 / mse):.1f} dB" if mse else "  identical"
+            accelerated = np.asarray(outputs[name])
+            label += f"  {psnr(accelerated, baseline):.1f} dB, SSIM {ssim(accelerated, baseline):.3f}"
+            print(f"{name} vs {SIDE_BY_SIDE[0]}: {label}")
         tile = Image.new("RGB", (image.width, image.height + 24), "white")
         tile.paste(image, (0, 24))
         ImageDraw.Draw(tile).text((4, 6), label, fill="black")

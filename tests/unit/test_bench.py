@@ -24,12 +24,25 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     for row in reference["rows"]:
         assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0 and -1 <= row["ssim"] <= 1
     assert set(reference["prompt_accuracy"]) == set(names)
+    # Honest mechanics: rows shuffled per round from a recorded seed, raw repetitions and per-prompt scores kept.
+    assert isinstance(reference["row_order_seed"], int)
+    assert [sorted(order) for order in reference["row_order_per_round"]] == [sorted(names)] * reference["rounds"]
+    prompts = len(reference["prompts"])
+    for row in reference["rows"]:
+        assert len(row["repetitions"]) == reference["rounds"] * prompts and len(row["per_prompt"]) == prompts
+        assert sorted(r["seconds"] for r in row["repetitions"])[len(row["repetitions"]) // 2] > 0
+    from bench.report import meets_gate
+
+    gate = {"name": "x", "psnr_db": 31.0, "ssim": 0.96}
+    assert not meets_gate(gate, None, 6), "SSIM below 0.97 fails the gate whatever the PSNR"
+    assert meets_gate({**gate, "ssim": 0.98}, {"baseline": 1.0, "x": 5 / 6}, 6)
+    assert not meets_gate({**gate, "ssim": 0.98}, {"baseline": 1.0, "x": 4 / 6}, 6), "two prompts lost"
     assert [row["name"] for row in short["rows"]] == ["baseline", "TeaCache 0.2", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
                                                       "Cache-DiT + SCM fast", "Cache-DiT + TaylorSeer + SCM fast"]
     assert short["request"]["steps"] == 6
     assert mid["rows"][0]["name"] == "baseline" and len(mid["rows"]) == 5
     readme = (tmp_path / "README.md").read_text()
-    assert "Best speedup per method at matched quality" in readme and "| TeaCache 0.2 |" in readme
+    assert "Best speedup per method at matched quality (PSNR >= 30 dB and SSIM >= 0.97" in readme and "| TeaCache 0.2 |" in readme
     assert (tmp_path / "speed_vs_quality.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
 
 

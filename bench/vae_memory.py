@@ -1,0 +1,110 @@
+"""Peak memory of a large VAE decode with and without tiling (and slicing), image and video.
+
+Each decode runs in a fresh process, so its peak resident memory (ru_maxrss) is its own; the figure is
+that peak minus the process's memory with the VAE loaded and the latent made, i.e. what the decode itself
+added. Configurations alternate over rounds in one run (this machine is noisy).
+
+  .build/venv/bin/python bench/vae_memory.py [--rounds 2]
+Writes bench/results/vae_memory.md and vae_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+# (case, VAE class, its config, VAE-input latent shape (B, C, T, H, W), tile size px). The VAEs are the
+# released architectures (diffusers' Qwen-Image and Wan 2.1 VAE classes: 8x spatial, Wan 4x temporal
+# compression) narrowed to base_dim 32 / 16 so that an untiled decode finishes on a 2-core CPU, with random
+# weights (memory and time do not depend on the weights). Feature maps scale with base_dim, so the
+# tiled/untiled ratio is what carries over to the released models (base_dim 96).
+CASES = {
+    "image 1024x1024 (Qwen-Image VAE, base_dim 32)": ("AutoencoderKLQwenImage", {"base_dim": 32}, (1, 16, 1, 128, 128), 256),
+    "video 9 frames 384x384 (Wan 2.1 VAE, base_dim 16)": ("AutoencoderKLWan", {"base_dim": 16}, (1, 16, 3, 48, 48), 128),
+}
+SETTINGS = ("untiled", "tiled")
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def measure_one(vae_class: str, config: dict, shape: list[int], options: dict) -> dict:
+    import diffusers
+    import torch
+
+    from omni_core.vae import DecodeOptions, vae_settings
+
+    torch.manual_seed(0)
+    vae = getattr(diffusers, vae_class)(**config).eval()
+    latent = torch.randn(*shape)
+    before = _rss_mb()
+    start = time.perf_counter()
+    with vae_settings(vae, DecodeOptions(**options)), torch.no_grad():
+        pixels = vae.decode(latent, return_dict=False)[0]
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"decode_peak_mb": peak - before, "seconds": seconds, "pixels_shape": list(pixels.shape)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        job = json.loads(args.one)
+        print(json.dumps(measure_one(job["vae"], job["config"], job["shape"], job["options"])))
+        return 0
+
+    raw: dict[str, dict[str, list[dict]]] = {case: {s: [] for s in SETTINGS} for case in CASES}
+    started = time.perf_counter()
+    for round_index in range(args.rounds):
+        order = list(SETTINGS) if round_index % 2 == 0 else list(reversed(SETTINGS))
+        for case, (vae_class, config, shape, tile) in CASES.items():
+            for setting in order:
+                options = {"tiling": setting == "tiled", "tile_size": tile, "tile_overlap": tile // 4, "slicing": False}
+                job = {"vae": vae_class, "config": config, "shape": list(shape), "options": options}
+                out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
+                                     text=True, check=True, cwd=ROOT)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                raw[case][setting].append(result)
+                print(f"round {round_index + 1} {case} {setting}: {result['decode_peak_mb']:.0f} MB, "
+                      f"{result['seconds']:.1f} s", flush=True)
+    command = "python bench/vae_memory.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "")
+    lines = ["# VAE decode peak memory, tiled vs untiled", "",
+             f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min). Machine: {platform.processor() or platform.machine()}, "
+             f"{platform.system()}; CPU, fp32, released VAE architectures with random weights. Each decode in a fresh process; peak = ru_maxrss minus the memory with the "
+             f"VAE loaded and the latent made; median of {args.rounds} rounds, settings alternating.", "",
+             "| decode | setting | peak memory added MB | seconds | peak vs untiled |", "| --- | --- | ---: | ---: | ---: |"]
+    summary = {}
+    for case in CASES:
+        untiled = statistics.median(r["decode_peak_mb"] for r in raw[case]["untiled"])
+        for setting in SETTINGS:
+            peak = statistics.median(r["decode_peak_mb"] for r in raw[case][setting])
+            seconds = statistics.median(r["seconds"] for r in raw[case][setting])
+            summary[f"{case} / {setting}"] = {"peak_mb": peak, "seconds": seconds, "ratio": peak / untiled}
+            label = f"tiled {CASES[case][3]}/{CASES[case][3] // 4} px" if setting == "tiled" else setting
+            lines.append(f"| {case} | {label} | {peak:.0f} | {seconds:.1f} | {peak / untiled:.2f}x |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "vae_memory.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "vae_memory.json").write_text(json.dumps({"command": command, "summary": summary, "raw": raw}, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
