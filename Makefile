@@ -21,6 +21,7 @@ serve: setup
 bench: setup
 	@$(PY) bench/run.py
 	@$(PY) bench/overhead.py
+	@$(PY) bench/vae_memory.py
 
 clean:
 	rm -rf .build out

@@ -4,8 +4,8 @@ Each decode runs in a fresh process, so its peak resident memory (ru_maxrss) is 
 that peak minus the process's memory with the VAE loaded and the latent made, i.e. what the decode itself
 added. Configurations alternate over rounds in one run (this machine is noisy).
 
-  .build/venv/bin/python bench/vae_memory.py [--rounds 2]
-Writes bench/results/vae_memory.md and vae_memory.json.
+  .build/venv/bin/python bench/vae_memory.py [--rounds 2] [--quick] [--out DIR]
+Writes bench/results/ (or --out): vae_memory.md and vae_memory.json (every repetition).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ RESULTS = ROOT / "bench" / "results"
 CASES = {
     "image 1024x1024 (Qwen-Image VAE, base_dim 32)": ("AutoencoderKLQwenImage", {"base_dim": 32}, (1, 16, 1, 128, 128), 256),
     "video 9 frames 384x384 (Wan 2.1 VAE, base_dim 16)": ("AutoencoderKLWan", {"base_dim": 16}, (1, 16, 3, 48, 48), 128),
+}
+# --quick (the test of this script): small decodes, same mechanics.
+QUICK_CASES = {
+    "image 512x512 (Qwen-Image VAE, base_dim 16)": ("AutoencoderKLQwenImage", {"base_dim": 16}, (1, 16, 1, 64, 64), 128),
 }
 SETTINGS = ("untiled", "tiled")
 
@@ -63,6 +67,8 @@ def measure_one(vae_class: str, config: dict, shape: list[int], options: dict) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="small decodes (the test of this script)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -70,11 +76,12 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(job["vae"], job["config"], job["shape"], job["options"])))
         return 0
 
-    raw: dict[str, dict[str, list[dict]]] = {case: {s: [] for s in SETTINGS} for case in CASES}
+    cases = QUICK_CASES if args.quick else CASES
+    raw: dict[str, dict[str, list[dict]]] = {case: {s: [] for s in SETTINGS} for case in cases}
     started = time.perf_counter()
     for round_index in range(args.rounds):
         order = list(SETTINGS) if round_index % 2 == 0 else list(reversed(SETTINGS))
-        for case, (vae_class, config, shape, tile) in CASES.items():
+        for case, (vae_class, config, shape, tile) in cases.items():
             for setting in order:
                 options = {"tiling": setting == "tiled", "tile_size": tile, "tile_overlap": tile // 4, "slicing": False}
                 job = {"vae": vae_class, "config": config, "shape": list(shape), "options": options}
@@ -84,24 +91,24 @@ def main(argv=None) -> int:
                 raw[case][setting].append(result)
                 print(f"round {round_index + 1} {case} {setting}: {result['decode_peak_mb']:.0f} MB, "
                       f"{result['seconds']:.1f} s", flush=True)
-    command = "python bench/vae_memory.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "")
+    command = "python bench/vae_memory.py" + (" --quick" if args.quick else "") + (f" --rounds {args.rounds}" if args.rounds != 2 else "")
     lines = ["# VAE decode peak memory, tiled vs untiled", "",
              f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min). Machine: {platform.processor() or platform.machine()}, "
              f"{platform.system()}; CPU, fp32, released VAE architectures with random weights. Each decode in a fresh process; peak = ru_maxrss minus the memory with the "
              f"VAE loaded and the latent made; median of {args.rounds} rounds, settings alternating.", "",
              "| decode | setting | peak memory added MB | seconds | peak vs untiled |", "| --- | --- | ---: | ---: | ---: |"]
     summary = {}
-    for case in CASES:
+    for case in cases:
         untiled = statistics.median(r["decode_peak_mb"] for r in raw[case]["untiled"])
         for setting in SETTINGS:
             peak = statistics.median(r["decode_peak_mb"] for r in raw[case][setting])
             seconds = statistics.median(r["seconds"] for r in raw[case][setting])
             summary[f"{case} / {setting}"] = {"peak_mb": peak, "seconds": seconds, "ratio": peak / untiled}
-            label = f"tiled {CASES[case][3]}/{CASES[case][3] // 4} px" if setting == "tiled" else setting
+            label = f"tiled {cases[case][3]}/{cases[case][3] // 4} px" if setting == "tiled" else setting
             lines.append(f"| {case} | {label} | {peak:.0f} | {seconds:.1f} | {peak / untiled:.2f}x |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vae_memory.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "vae_memory.json").write_text(json.dumps({"command": command, "summary": summary, "raw": raw}, indent=1) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vae_memory.md").write_text("\n".join(lines) + "\n")
+    (args.out / "vae_memory.json").write_text(json.dumps({"command": command, "summary": summary, "raw": raw}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -58,3 +58,16 @@ def test_overhead_benchmark_times_all_three_paths(tmp_path):
         median, low, high, ratio = (float(cell) for cell in cells[1:])
         assert 0 < low <= median <= high and ratio > 0
     assert float(rows[0][4]) == 1.0
+
+
+@pytest.mark.slow
+def test_vae_memory_benchmark_shows_tiling_lowers_the_decode_peak(tmp_path):
+    from bench.vae_memory import main
+
+    assert main(["--quick", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "vae_memory.json").read_text())
+    [(case, settings)] = results["raw"].items()
+    untiled, tiled = settings["untiled"][0], settings["tiled"][0]
+    assert untiled["pixels_shape"] == tiled["pixels_shape"] == [1, 3, 1, 512, 512]
+    assert 0 < tiled["decode_peak_mb"] < untiled["decode_peak_mb"], "tiles decode in less memory than the whole image"
+    assert "| untiled |" in (tmp_path / "vae_memory.md").read_text()
