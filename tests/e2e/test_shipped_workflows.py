@@ -13,7 +13,7 @@ import numpy as np
 
 from tests.helpers import API_WORKFLOWS, png_to_array
 from tools.comfy_harness import ExecutionFailed
-from tools.workflows import parallel_ranks
+from tools.workflows import parallel_ranks, saver_id
 
 API_FILES = sorted(API_WORKFLOWS.glob("*.json"))
 
@@ -25,14 +25,13 @@ def test_multi_device_workflow_runs_or_is_refused_for_want_of_devices(comfy, api
     machine has cores unless OMNI_ACCEL_CPU_RANKS allows more (the thumbnails were made that way)."""
     prompt = json.loads(api_path.read_text())
     ranks = parallel_ranks(prompt)
-    saver = next(node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage")
     if ranks > (os.cpu_count() or 1):
         with pytest.raises(ExecutionFailed) as refused:
             comfy.run(prompt)
         assert refused.value.node_type in ("OmniParallelConfig", "OmniSampler")
         assert f"{ranks} ranks" in refused.value.exception_message and "OMNI_ACCEL_CPU_RANKS" in refused.value.exception_message
         return
-    [data] = comfy.output_files(comfy.run(prompt), saver)
+    [data] = comfy.output_files(comfy.run(prompt), saver_id(prompt))
     sampler = next(node["inputs"] for node in prompt.values() if node["class_type"] == "OmniSampler")
     assert Image.open(io.BytesIO(data)).size == (sampler["width"], sampler["height"])
 
