@@ -51,6 +51,22 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
 
 
+def versions() -> dict[str, str]:
+    """The libraries the numbers depend on, for the results files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "cache-dit", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    comfy = Path(__file__).resolve().parents[1] / ".build" / "comfyui" / "comfyui_version.py"
+    if comfy.exists():
+        found["comfyui"] = comfy.read_text().split("=")[-1].strip().strip("\"'")
+    return found
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     return np.clip(np.round(255.0 * image.numpy()), 0, 255).astype(np.uint8)
 

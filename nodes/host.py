@@ -138,10 +138,21 @@ def transformer_file_path(name: str) -> str | None:
 
 
 # --- progress ---------------------------------------------------------------------------------------
-def previews_enabled() -> bool:
+def preview_settings():
+    """ComfyUI's --preview-method, as our previews: none -> off, latent2rgb -> the fitted linear map, auto and
+    taesd -> the model's own VAE on a pooled latent (no TAESD exists for these models).
+    OMNI_ACCEL_PREVIEW_INTERVAL sets the least seconds between two previews (default 0.25)."""
     from comfy.cli_args import LatentPreviewMethod, args
+    from ..omni_core.preview import PreviewSettings
 
-    return args.preview_method != LatentPreviewMethod.NoPreviews
+    if args.preview_method == LatentPreviewMethod.NoPreviews:
+        return None
+    method = "linear" if args.preview_method == LatentPreviewMethod.Latent2RGB else "decoded"
+    interval = os.environ.get("OMNI_ACCEL_PREVIEW_INTERVAL")
+    try:
+        return PreviewSettings(method, **({"min_interval_s": float(interval)} if interval else {}))
+    except ValueError as exc:
+        raise ValueError(f"OMNI_ACCEL_PREVIEW_INTERVAL={interval!r}: expected seconds >= 0 ({exc})") from None
 
 
 def step_listener(total_steps: int):
@@ -152,7 +163,11 @@ def step_listener(total_steps: int):
     bar = comfy.utils.ProgressBar(total_steps)
 
     def on_step(done: int, total: int, preview) -> None:
-        bar.update_absolute(done, total, ("JPEG", preview, args.preview_size) if preview is not None else None)
+        if preview is not None:
+            # ComfyUI resizes a preview to fit --preview-size, enlarging small ones too: at 512 px that is a
+            # resize and a large JPEG per preview for no added detail. The browser scales it anyway.
+            preview = ("JPEG", preview, args.preview_size if max(preview.size) > args.preview_size else None)
+        bar.update_absolute(done, total, preview)
 
     return on_step
 

@@ -7,7 +7,7 @@ from ..omni_core.families import FAMILIES
 from ..omni_core.images import tensor_to_pil
 from ..omni_core.request import MAX_SEED
 from .base import CATEGORY, OmniNode, OmniPipeType
-from .host import STORE, previews_enabled, step_listener
+from .host import STORE, preview_settings, step_listener
 
 _SIZE_TOOLTIP = (
     "Output {} in pixels, a multiple of the family's size step (16 for full-size Qwen-Image, Flux, Wan). "
@@ -75,6 +75,6 @@ class OmniSampler(OmniNode):
             width=width, height=height, batch_size=batch_size, images=tuple(images), num_frames=num_frames,
             guidance=guidance, cfg_2=cfg_2,
         )
-        result = generate(pipe, request, STORE, on_step=step_listener(steps), previews=previews_enabled())
+        result = generate(pipe, request, STORE, on_step=step_listener(steps), previews=preview_settings())
         return io.NodeOutput({"samples": result.latent.cpu()}, result.report.to_json(),
                              ui=ui.PreviewText(result.report.summary()))

@@ -1,12 +1,22 @@
-"""Cheap progress previews: the current denoised estimate, mapped to RGB by a per-model linear map.
+"""Progress previews: the current denoised estimate as a small picture, at most a few per second.
 
-The map comes from the model's own VAE: a few random latents are decoded once per loaded model and a
-least-squares fit gives RGB = A z + b per latent pixel. Each step then costs one small matrix product.
+Two ways to colour it:
+  decoded  the model's own VAE decodes the estimate, average-pooled to at most 32 latent pixels a side
+           (first frame of a video): the picture's real colours, at a fraction of a full decode's cost.
+  linear   RGB = A z + b per latent pixel, fitted once per loaded model on a dozen synthetic pictures
+           encoded and decoded by that VAE: one small matrix product, colours approximate.
 For flow-matching schedulers the preview shows the x0 estimate (x_t - sigma * velocity, with the velocity
 read off the last step) rather than the noisy x_t.
+
+Previews are throttled by time, not steps: one is made when at least `min_interval_s` has passed since the
+last and the last one's cost is at most `budget` of the time since, so a step that takes 5 ms on a small
+model is not slowed by pictures nobody can see at that rate. `min_interval_s` 0 makes one every step.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,44 +25,120 @@ from PIL import Image
 from .families import ModelFamily
 from .request import GenerationRequest
 
-_FIT_SIZE = 8  # latent pixels per side used for the fit
+PREVIEW_METHODS = ("decoded", "linear")
+_MAX_PREVIEW_LATENT = 32  # latent pixels per side decoded for a preview (256 px at 8x compression)
+_FIT_IMAGES = 12  # synthetic pictures encoded for the fit
+_FIT_PIXELS = 128  # their side; 8-16 latent pixels at the VAEs' 8x / 16x compression
+
+
+def fit_pictures(count: int = _FIT_IMAGES, size: int = _FIT_PIXELS, seed: int = 0) -> torch.Tensor:
+    """Pictures like the ones models make: a flat or graded background with a few coloured shapes, colours
+    drawn from the whole RGB cube. (count, 3, size, size) in [-1, 1], the VAE's input range."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    pictures = []
+    for _ in range(count):
+        top, bottom = rng.random(3), rng.random(3)
+        ramp = y[..., None] if rng.random() < 0.5 else x[..., None]
+        picture = top * (1 - ramp) + bottom * ramp if rng.random() < 0.5 else np.broadcast_to(top, (size, size, 3)).copy()
+        for _ in range(rng.integers(1, 5)):
+            cy, cx, ry, rx = rng.random(), rng.random(), 0.05 + 0.3 * rng.random(), 0.05 + 0.3 * rng.random()
+            inside = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1 if rng.random() < 0.5 else (
+                (abs(y - cy) <= ry) & (abs(x - cx) <= rx))
+            picture[inside] = rng.random(3)
+        pictures.append(picture)
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    method: str = "decoded"
+    min_interval_s: float = 0.25
+    budget: float = 0.02  # the most of the run's time previews may take
+
+    def __post_init__(self):
+        if self.method not in PREVIEW_METHODS:
+            raise ValueError(f"preview method {self.method!r}: expected one of {', '.join(PREVIEW_METHODS)}")
+        if self.min_interval_s < 0 or not 0 < self.budget <= 1:
+            raise ValueError(f"preview min_interval_s {self.min_interval_s} must be >= 0 and budget {self.budget} in (0, 1]")
 
 
 @torch.no_grad()
 def fit_rgb_map(vae, family: ModelFamily, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    channels = family.latent_channels(vae)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (4, channels, 1, _FIT_SIZE, _FIT_SIZE) if family.video else (4, channels, _FIT_SIZE, _FIT_SIZE)
-    # Latents as the pipeline's own are distributed: N(0, 1) in model space, through the family's de-normalisation.
-    z = family.model_to_vae_space(vae, torch.randn(shape, generator=generator)).float().cpu()
-    decoded = vae.decode(family.latent_to_vae_input(z.to(vae.device, vae.dtype)), return_dict=False)[0]
-    rgb = family.vae_output_to_images(decoded)  # (N, H, W, 3) in [0, 1]
-    scale = rgb.shape[1] // _FIT_SIZE
+    """RGB = A z + b per latent pixel, least squares over the latents of encoded pictures and what the VAE
+    decodes them to. Latents of real pictures, not random ones: a map fitted on N(0, 1) latents gets the
+    hues of a trained model's pictures wrong (random latents decode mostly to clipped colours)."""
+    pictures = fit_pictures(seed=seed)
+    # The VAE takes pictures in the layout it takes latents in (Qwen-Image: one frame of a video VAE).
+    pixels = pictures.unsqueeze(2) if family.video else family.latent_to_vae_input(pictures)
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    rgb = family.vae_output_to_images(vae.decode(z, return_dict=False)[0])  # (N[*F], H, W, 3) in [0, 1]
+    z = z.float().cpu()
+    if z.ndim == 5:  # (N, C, 1, h, w): one frame
+        z = z[:, :, 0]
+    channels, size = z.shape[1], z.shape[-1]
+    scale = rgb.shape[1] // size
     rgb = torch.nn.functional.avg_pool2d(rgb.permute(0, 3, 1, 2), scale).permute(0, 2, 3, 1).reshape(-1, 3)
-    features = z.reshape(4, channels, -1).permute(0, 2, 1).reshape(-1, channels).float()
+    features = z.permute(0, 2, 3, 1).reshape(-1, channels)
     design = torch.cat([features, torch.ones(features.shape[0], 1)], dim=1)
     solution = torch.linalg.lstsq(design, rgb.float()).solution  # (channels + 1, 3)
     return solution[:-1], solution[-1]
 
 
 class Previewer:
-    def __init__(self, pipeline, family: ModelFamily, request: GenerationRequest, rgb_map):
-        self.pipeline, self.family, self.request = pipeline, family, request
-        self.weight, self.bias = rgb_map
-        self.previous: torch.Tensor | None = None
+    """Called after every step with the scheduler's latents; returns a picture when one is due, else None."""
 
-    def __call__(self, step: int, latents: torch.Tensor) -> Image.Image:
-        estimate = self._denoised_estimate(step, latents)
-        z = self.family.output_to_latent(self.pipeline, estimate, self.request)[0].float().cpu()
-        if z.ndim == 4:  # video: the first frame
-            z = z[:, 0]
-        rgb = torch.einsum("chw,cd->hwd", z, self.weight) + self.bias
+    def __init__(self, pipeline, family: ModelFamily, request: GenerationRequest, settings: PreviewSettings,
+                 rgb_map: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.pipeline, self.family, self.request, self.settings = pipeline, family, request, settings
+        self.rgb_map = rgb_map
+        self.previous: torch.Tensor | None = None
+        self.last_at = time.perf_counter()  # the first preview after min_interval_s: step 1's estimate is noise
+        self.last_cost = 0.0
+        self.made = 0
+        self.seconds = 0.0
+
+    def __call__(self, step: int, latents: torch.Tensor) -> Image.Image | None:
+        previous, self.previous = self.previous, latents
+        since = time.perf_counter() - self.last_at
+        throttled = self.settings.min_interval_s > 0
+        if throttled and (since < self.settings.min_interval_s or self.last_cost > self.settings.budget * since):
+            return None
+        if latents.is_cuda:  # time the preview, not the step still running on the GPU
+            torch.cuda.synchronize(latents.device)
+        start = time.perf_counter()
+        picture = self.picture(self._denoised_estimate(step, latents, previous))
+        self.last_at = time.perf_counter()
+        self.last_cost = self.last_at - start
+        self.made += 1
+        self.seconds += self.last_cost
+        return picture
+
+    @torch.no_grad()
+    def picture(self, estimate: torch.Tensor) -> Image.Image:
+        z = self.family.output_to_latent(self.pipeline, estimate, self.request)[:1]
+        if z.ndim == 5:  # video: the first latent frame
+            z = z[:, :, :1]
+        if self.settings.method == "linear":
+            weight, bias = self.rgb_map
+            rgb = torch.einsum("chw,cd->hwd", z.reshape(z.shape[1], *z.shape[-2:]).float().cpu(), weight) + bias
+        else:
+            rgb = self._decode(z)
         array = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         return Image.fromarray(np.ascontiguousarray(array))
 
-    def _denoised_estimate(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        kernel = -(-max(z.shape[-2:]) // _MAX_PREVIEW_LATENT)
+        if kernel > 1:
+            flat = z.flatten(1, 2) if z.ndim == 5 else z
+            pooled = torch.nn.functional.avg_pool2d(flat.float(), kernel, ceil_mode=True)
+            z = pooled.unflatten(1, z.shape[1:3]) if z.ndim == 5 else pooled
+        vae = self.pipeline.vae
+        decoded = vae.decode(self.family.latent_to_vae_input(z.to(vae.device, vae.dtype)), return_dict=False)[0]
+        return self.family.vae_output_to_images(decoded)[0]
+
+    def _denoised_estimate(self, step: int, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         sigmas = getattr(self.pipeline.scheduler, "sigmas", None)
-        previous, self.previous = self.previous, latents
         if previous is None or sigmas is None or step >= len(sigmas):
             return latents
         before, after = float(sigmas[step - 1]), float(sigmas[step])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .memory import ActivationFloor, refuse_if_too_large
-from .preview import Previewer, fit_rgb_map
+from .preview import Previewer, PreviewSettings, fit_rgb_map
 from .probes import block_probe_target, counting_calls, timing_calls
 from .recipe import OmniPipe
 from .report import MemoryWatch, RunReport
@@ -81,11 +81,12 @@ def generate(
     request: GenerationRequest,
     store: ModelStore,
     on_step: StepListener | None = None,
-    previews: bool = False,
+    previews: bool | PreviewSettings = False,
 ) -> GenerationResult:
     spec = pipe.spec
     family = spec.model_family
     request = checked_request(pipe, request, store)
+    previews = PreviewSettings() if previews is True else previews or None
 
     report = RunReport(
         model=spec.name,
@@ -118,10 +119,12 @@ def generate(
 
         previewer = None
         if previews and on_step is not None:
-            rgb_map = loaded.derived.get("preview_rgb_map")
-            if rgb_map is None:
-                rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline.vae, family)
-            previewer = Previewer(run.pipeline, family, request, rgb_map)
+            rgb_map = None
+            if previews.method == "linear":
+                rgb_map = loaded.derived.get("preview_rgb_map")
+                if rgb_map is None:
+                    rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline.vae, family)
+            previewer = Previewer(run.pipeline, family, request, previews, rgb_map)
 
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             run.steps_done = step + 1
@@ -168,6 +171,9 @@ def generate(
         )
         if encode_timer is not None:
             report.stages["text_encode"] = round(encode_timer.seconds, 4)
+        if previewer is not None:
+            report.counters["previews"] = {"method": previewer.settings.method, "made": previewer.made,
+                                           "seconds": round(previewer.seconds, 4)}
     log.info(
         "Omni Accel: %s, %d steps, %d transformer calls, %.2f s",
         spec.name, request.steps, calls, report.stages.get("pipeline", 0.0),
@@ -176,7 +182,7 @@ def generate(
 
 
 def _generate_in_pool(pipe: OmniPipe, request: GenerationRequest, loaded: LoadedModel, loaded_now: bool,
-                      releases: list, on_step, previews: bool, host_report: RunReport) -> GenerationResult:
+                      releases: list, on_step, previews: PreviewSettings | None, host_report: RunReport) -> GenerationResult:
     """A parallel layout: every rank runs the recipe's run-time entries; rank 0's latent and report come back,
     with a `parallel` section saying how the work was split and whether every rank took the same cache
     decisions."""

@@ -37,6 +37,7 @@ def comfy(tmp_path_factory, model_dirs):
         (diffusers_dir / name).symlink_to(path, target_is_directory=True)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
-    server = ComfyServer(base, extra_args=["--preview-method", "auto"]).start()
+    # Previews as `make serve` has them, but one every step (no time throttle), so tests can count them.
+    server = ComfyServer(base, extra_args=["--preview-method", "auto"], env={"OMNI_ACCEL_PREVIEW_INTERVAL": "0"}).start()
     yield server
     server.stop()

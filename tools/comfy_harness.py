@@ -90,8 +90,10 @@ def comfyui_command(base: Path, port: int, extra_args: list[str] = ()) -> list[s
 
 
 class ComfyServer:
-    def __init__(self, base: Path, port: int | None = None, extra_args: list[str] = (), log_path: Path | None = None):
+    def __init__(self, base: Path, port: int | None = None, extra_args: list[str] = (), log_path: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.base = prepare_base_dir(Path(base))
+        self.env = dict(env or {})
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path or self.base / "comfyui.log")
@@ -107,7 +109,7 @@ class ComfyServer:
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> "ComfyServer":
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = subprocess.Popen(
             comfyui_command(self.base, self.port, self.extra_args),
             cwd=str(BUILD / "comfyui"), stdout=log, stderr=subprocess.STDOUT, env=env,

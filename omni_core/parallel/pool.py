@@ -198,7 +198,7 @@ class WorkerPool:
             self.broken = "shut down"
 
     # --- runs --------------------------------------------------------------------------------------
-    def generate(self, run_entries: tuple, request, on_step, previews: bool) -> tuple[torch.Tensor, list[dict]]:
+    def generate(self, run_entries: tuple, request, on_step, previews) -> tuple[torch.Tensor, list[dict]]:
         """Runs on every rank; returns rank 0's latent and every rank's report parts (by rank)."""
         for conn in self.conns:
             send(conn, ("run", run_entries, request, previews))

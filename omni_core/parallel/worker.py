@@ -102,7 +102,7 @@ class Rank:
             self.cfg_wrappers = enable_cfg_parallel(pipeline, family, branch, mesh["cfg"].get_group())
         send(self.conn, ("ready", self.rank, round(time.perf_counter() - start, 3), os.getpid()))
 
-    def run(self, run_entries, request, previews: bool) -> None:
+    def run(self, run_entries, request, previews) -> None:
         from .. import OmniPipe, generate
         from ..probes import block_probe_target
 
@@ -128,7 +128,7 @@ class Rank:
 
         handles = [query.register_forward_pre_hook(count_tokens) for query in queries]
         try:
-            result = generate(pipe, request, self.store, on_step=on_step, previews=previews and self.rank == 0)
+            result = generate(pipe, request, self.store, on_step=on_step, previews=previews if self.rank == 0 else False)
         except Cancelled:
             send(self.conn, ("cancelled", self.rank))
             return

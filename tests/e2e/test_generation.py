@@ -109,12 +109,16 @@ def test_two_samplers_sharing_one_loader_equal_separate_prompts(comfy):
     assert not np.array_equal(separate["a"][:, :64], separate["b"][:, :64])
 
 
-def test_sampler_sends_a_preview_each_step(comfy):
+def test_sampler_sends_a_preview_each_step_at_its_own_size(comfy):
+    """The test server sets OMNI_ACCEL_PREVIEW_INTERVAL=0 (one preview per step); previews are the model's VAE
+    decoding the estimate, sent at their own size rather than enlarged to --preview-size (512)."""
     from PIL import Image
     import io
 
     before = len(comfy.previews)
-    comfy.run(sampler_prompt(prompt=PROMPT, seed=81, steps=5, cfg=1.0, width=32, height=32))
-    sent = comfy.previews[before:]
+    entry = comfy.run(sampler_prompt(prompt=PROMPT, seed=81, steps=5, cfg=1.0, width=32, height=48))
+    sent = [Image.open(io.BytesIO(data)) for data in comfy.previews[before:]]
     assert len(sent) == 5
-    assert Image.open(io.BytesIO(sent[-1])).format == "JPEG"
+    assert all(image.format == "JPEG" and image.size == (32, 48) for image in sent)
+    previews = json.loads(node_text_output(entry, "5")[0])["previews"]
+    assert previews["method"] == "decoded" and previews["made"] == 5 and previews["seconds"] > 0
