@@ -22,6 +22,7 @@ bench: setup
 	@$(PY) bench/run.py
 	@$(PY) bench/overhead.py
 	@$(PY) bench/vae_memory.py
+	@$(PY) bench/server.py
 
 clean:
 	rm -rf .build out

@@ -32,12 +32,16 @@ class Row:
     recipe: Callable[[OmniPipe], OmniPipe] = lambda pipe: pipe
     # A context that patches the loaded pipeline outside our recipe (diffusers' caches).
     external: Callable[[object], contextlib.AbstractContextManager] | None = None
+    default: bool = False  # the method at its published default settings
+    base: OmniPipe | None = None  # another model source (a GGUF transformer file); the scenario's pipe if None
     times: list[float] = field(default_factory=list)
     images: dict[int, np.ndarray] = field(default_factory=dict)
     fraction: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
     cuda_peak: list[int] = field(default_factory=list)
     raw: list[dict] = field(default_factory=list)  # one entry per timed repetition
+    breakdown: list[dict] = field(default_factory=list)  # one entry per instrumented (untimed) repetition
+    dit_bytes: int | None = None
 
 
 def machine() -> str:
@@ -81,25 +85,84 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=window))
 
 
-def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationRequest) -> tuple[float, np.ndarray, dict]:
-    loaded, _ = store.get(pipe.spec)
+class BlockClock:
+    """Seconds spent inside the transformer blocks' calls (computed or not), for the time breakdown. On CUDA
+    every block call synchronizes, so it is used only in the untimed instrumented pass."""
+
+    def __init__(self, blocks: list[torch.nn.Module], cuda: bool):
+        self.seconds, self.cuda, self._start = 0.0, cuda, 0.0
+        self.handles = [h for b in blocks for h in (b.register_forward_pre_hook(self._pre), b.register_forward_hook(self._post))]
+
+    def _pre(self, module, args) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def dit_bytes(loaded) -> int:
+    """Bytes of the denoisers' weights held on the run device between runs: after quantization; blocks that
+    Layerwise Offload streams are empty placeholders there (their master copies live in the streamer)."""
+    return sum(t.numel() * t.element_size() for d in loaded.family.denoisers(loaded.pipeline).values()
+               for t in list(d.parameters()) + list(d.buffers()) if t.untyped_storage().size() > 0)
+
+
+def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationRequest,
+             instrumented: bool = False) -> tuple[float, np.ndarray, dict, dict | None]:
+    """One generation + decode; with `instrumented`, also where the time went (text encoder, blocks, rest
+    of the loop, VAE)."""
+    row_pipe = row.recipe(row.base or pipe)
+    loaded, _ = store.get(row_pipe.variant)
     context = row.external(loaded.pipeline) if row.external else contextlib.nullcontext()
-    if loaded.spec.device.startswith("cuda"):
+    cuda = loaded.spec.device.startswith("cuda")
+    clock = None
+    if instrumented:
+        blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
+        clock = BlockClock(blocks, cuda)
+    if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    with context:
-        result = generate(row.recipe(pipe), request, store)
-        image = decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))
-    if loaded.spec.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, to_uint8(image[0]), result.report.as_dict()
+    try:
+        start = time.perf_counter()
+        with context:
+            result = generate(row_pipe, request, store)
+            generated = time.perf_counter()
+            image = decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))
+        if cuda:
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+    finally:
+        if clock is not None:
+            clock.remove()
+    report = result.report.as_dict()
+    if row.dit_bytes is None:
+        row.dit_bytes = dit_bytes(loaded)
+    parts = None
+    if clock is not None:
+        stages = report["seconds"]
+        text = stages.get("text_encode", 0.0)
+        loop = stages["pipeline"] - text
+        parts = {"text_encode": text, "blocks": clock.seconds, "rest_of_loop": loop - clock.seconds,
+                 "vae_decode": end - generated, "other": (generated - start) - stages["pipeline"], "total": end - start}
+    return end - start, to_uint8(image[0]), report, parts
+
+
+BREAKDOWN_PROMPTS = 3  # prompts of the instrumented pass
 
 
 def measure(rows: list[Row], pipe: OmniPipe, store: ModelStore, requests: list[GenerationRequest], rounds: int,
             seed: int = 0, log: Callable[[str], None] = print) -> list[list[str]]:
     """Interleaved: every round runs every row on every request once, the rows in an order shuffled per round
-    (random.Random(seed + round)); warm-up runs are not timed. Returns the row order of each round."""
-    for row in rows:  # warm-up: first-call allocations, lazy imports
+    (random.Random(seed + round)); warm-up runs are not timed. Then one instrumented pass (block timers on,
+    so not timed) over the first BREAKDOWN_PROMPTS requests gives each row's time breakdown. Returns the row order of each round."""
+    for row in rows:  # warm-up: loading, first-call allocations, lazy imports, compilation
         run_once(row, pipe, store, requests[0])
     orders = []
     for round_index in range(rounds):
@@ -108,7 +171,7 @@ def measure(rows: list[Row], pipe: OmniPipe, store: ModelStore, requests: list[G
         orders.append([row.name for row in order])
         for row in order:
             for i, request in enumerate(requests):
-                seconds, image, report = run_once(row, pipe, store, request)
+                seconds, image, report, _ = run_once(row, pipe, store, request)
                 fraction = report["block_passes"]["fraction_computed"]
                 row.times.append(seconds)
                 row.images[i] = image
@@ -118,29 +181,60 @@ def measure(rows: list[Row], pipe: OmniPipe, store: ModelStore, requests: list[G
                 if "cuda_allocated_peak_bytes" in report["memory"]:
                     row.cuda_peak.append(report["memory"]["cuda_allocated_peak_bytes"])
         log(f"round {round_index + 1}/{rounds} done")
+    for row in rows:
+        for request in requests[:BREAKDOWN_PROMPTS]:
+            row.breakdown.append(run_once(row, pipe, store, request, instrumented=True)[3])
+    log("time breakdown pass done")
     return orders
+
+
+def images_for(row: Row, pipe: OmniPipe, store: ModelStore, requests: list[GenerationRequest]) -> list[np.ndarray]:
+    """The row's pictures for more prompts (untimed): prompt accuracy and quality beyond the timed prompts."""
+    return [run_once(row, pipe, store, request)[1] for request in requests]
+
+
+def breakdown_medians(row: Row) -> dict[str, float]:
+    return {key: statistics.median(part[key] for part in row.breakdown) for key in row.breakdown[0]} if row.breakdown else {}
+
+
+def cache_efficiency(row_speedup: float, fraction: float, base: dict[str, float]) -> tuple[float, float]:
+    """(ideal speedup, efficiency). Ideal: the baseline's time with its block seconds scaled by the row's
+    fraction of block passes computed and everything else (text encoder, the rest of the loop, VAE) kept."""
+    fixed = base["total"] - base["blocks"]
+    ideal = base["total"] / (fixed + fraction * base["blocks"])
+    return ideal, row_speedup / ideal
 
 
 def summarize(rows: list[Row], baseline: Row) -> list[dict]:
     base_time = statistics.median(baseline.times)
+    base_parts = breakdown_medians(baseline)
     out = []
     for row in rows:
         pairs = [(row.images[i], baseline.images[i]) for i in sorted(baseline.images)]
         scores = [{"prompt": i, "psnr_db": min(psnr(a, b), 99.0), "ssim": ssim(a, b)}
                   for i, (a, b) in zip(sorted(baseline.images), pairs)]
-        out.append({
+        speedup = base_time / statistics.median(row.times)
+        fraction = float(np.mean(row.fraction))
+        entry = {
             "name": row.name,
             "method": row.method,
+            "default": row.default,
             "median_s": statistics.median(row.times),
-            "speedup": base_time / statistics.median(row.times),
-            "fraction_computed": float(np.mean(row.fraction)),
+            "speedup": speedup,
+            "fraction_computed": fraction,
             "psnr_db": float(np.mean([s["psnr_db"] for s in scores])),
             "ssim": float(np.mean([s["ssim"] for s in scores])),
             "per_prompt": scores,
             "repetitions": row.raw,
+            "breakdown_s": breakdown_medians(row),
+            "breakdown_repetitions": row.breakdown,
+            "dit_mb": row.dit_bytes / 2**20 if row.dit_bytes is not None else None,
             "peak_rss_mb": max(row.peak_rss) / 2**20,
             "cuda_peak_mb": max(row.cuda_peak) / 2**20 if row.cuda_peak else None,
-        })
+        }
+        if base_parts:
+            entry["ideal_speedup"], entry["cache_efficiency"] = cache_efficiency(speedup, fraction, base_parts)
+        out.append(entry)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The README's node reference is generated from the node schemas: it fails here when they drift apart."""
+"""The README is generated where it quotes other sources (node schemas, benchmark results): it fails here when they drift apart."""
 
 from __future__ import annotations
 
@@ -30,3 +30,16 @@ def test_a_new_input_changes_the_reference():
     info["OmniTeaCache"]["input_order"]["optional"] = ["new_knob"]
     after = render(info)
     assert before != after and "| `new_knob` (optional) | INT | 3 | 0 .. 9 | t |" in after
+
+
+def test_readme_benchmark_summary_is_what_the_committed_results_say():
+    """The README quotes only committed results: its summary block is bench/report.summary of results.json."""
+    import json
+
+    from bench.report import SUMMARY_END, SUMMARY_START, summary
+
+    results = json.loads((ROOT / "bench" / "results" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(SUMMARY_START, 1)[1].split(SUMMARY_END, 1)[0].strip("\n")
+    assert block == "\n".join(summary(results)), "run: .build/venv/bin/python bench/run.py (or re-render the summary)"
+    assert (ROOT / "bench" / "results" / "summary.md").read_text().strip("\n") == block

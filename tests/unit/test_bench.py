@@ -9,20 +9,37 @@ import pytest
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_result(tmp_path):
+    import statistics
+
+    from bench.report import meets_gate
     from bench.run import main
 
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    reference, short, mid = results["scenarios"]
+    assert set(results["versions"]) >= {"torch", "diffusers", "cache-dit", "comfyui"} and results["machine"]
+    reference, stacks, short, mid = results["scenarios"]
     names = [row["name"] for row in reference["rows"]]
     assert names[0] == "baseline"
-    for expected in ("TeaCache 0.2", "TeaCache 0.2 (calibrated)", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
-                     "diffusers FirstBlockCache 0.1", "diffusers TaylorSeer interval 2", "diffusers MagCache 0.06"):
+    for expected in ("TeaCache 0.2", "TeaCache 0.2 (calibrated)", "Cache-DiT 0.24", "Cache-DiT 0.24 + TaylorSeer",
+                     "Cache-DiT + SCM fast", "diffusers FirstBlockCache 0.1", "diffusers TaylorSeer interval 2",
+                     "diffusers MagCache 0.06"):
         assert expected in names
+    defaults = {row["name"] for row in reference["rows"] if row["default"]}
+    assert {"TeaCache 0.2", "Cache-DiT 0.24", "diffusers MagCache 0.06"} <= defaults and "TeaCache 0.8" not in defaults
     baseline = reference["rows"][0]
     assert baseline["psnr_db"] >= 99 and baseline["fraction_computed"] == 1.0 and baseline["speedup"] == 1.0
+    base_median = statistics.median(r["seconds"] for r in baseline["repetitions"])
     for row in reference["rows"]:
         assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0 and -1 <= row["ssim"] <= 1
+        # Every quoted ratio recomputes from the raw repetitions.
+        assert row["speedup"] == pytest.approx(base_median / statistics.median(r["seconds"] for r in row["repetitions"]))
+        # Where the time went: the parts add up to the measured total, blocks only where blocks ran.
+        parts = row["breakdown_repetitions"][0]
+        assert parts["total"] == pytest.approx(parts["other"] + parts["text_encode"] + parts["blocks"]
+                                               + parts["rest_of_loop"] + parts["vae_decode"], abs=1e-6)
+        assert parts["text_encode"] > 0 and parts["blocks"] > 0 and parts["vae_decode"] > 0
+        assert row["ideal_speedup"] >= 1 - 1e-9 and row["cache_efficiency"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+    assert baseline["ideal_speedup"] == pytest.approx(1.0)
     assert set(reference["prompt_accuracy"]) == set(names)
     # Honest mechanics: rows shuffled per round from a recorded seed, raw repetitions and per-prompt scores kept.
     assert isinstance(reference["row_order_seed"], int)
@@ -30,20 +47,40 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     prompts = len(reference["prompts"])
     for row in reference["rows"]:
         assert len(row["repetitions"]) == reference["rounds"] * prompts and len(row["per_prompt"]) == prompts
-        assert sorted(r["seconds"] for r in row["repetitions"])[len(row["repetitions"]) // 2] > 0
-    from bench.report import meets_gate
-
+    # The held-out check: each method's choice meets the gate on the timed prompts and on every held-out prompt.
+    held = reference["held_out"]
+    assert held["prompts"] == 3 and 0 <= held["baseline_accuracy"] <= 1
+    methods = {row["method"] for row in reference["rows"]} - {"baseline"}
+    assert set(held["chosen"]) == methods
+    by_name = {row["name"]: row for row in reference["rows"]}
+    for method, chosen in held["chosen"].items():
+        if chosen is not None:
+            assert by_name[chosen]["method"] == method and held["rows"][chosen]["meets_gate"]
+            assert meets_gate(by_name[chosen], reference["prompt_accuracy"], prompts)
+    for name in defaults:
+        assert name in held["rows"], "every default is checked on the held-out prompts"
     gate = {"name": "x", "psnr_db": 31.0, "ssim": 0.96}
     assert not meets_gate(gate, None, 6), "SSIM below 0.97 fails the gate whatever the PSNR"
     assert meets_gate({**gate, "ssim": 0.98}, {"baseline": 1.0, "x": 5 / 6}, 6)
     assert not meets_gate({**gate, "ssim": 0.98}, {"baseline": 1.0, "x": 4 / 6}, 6), "two prompts lost"
-    assert [row["name"] for row in short["rows"]] == ["baseline", "TeaCache 0.2", "Cache-DiT defaults", "Cache-DiT + TaylorSeer",
+    # Stacks: the load-time nodes alone and with caches, with the weights they keep in memory.
+    stack = {row["name"]: row for row in stacks["rows"]}
+    base_mb = stack["baseline"]["dit_mb"]
+    assert stack["FP8 weight_only"]["dit_mb"] < 0.6 * base_mb and stack["FP8 w8a8"]["dit_mb"] < 0.6 * base_mb
+    assert stack["GGUF Q8_0"]["dit_mb"] < 0.4 * base_mb, "fp32 -> 8.5 bits per weight"
+    assert stack["Layerwise Offload (1 block)"]["dit_mb"] < 0.1 * base_mb, "blocks stream in from the CPU copies"
+    for exact in ("Layerwise Offload (1 block)", "Regional compile"):
+        assert stack[exact]["psnr_db"] >= 99, f"{exact} is lossless"
+    assert "FP8 weight_only + Cache-DiT defaults" in stack and stack["TeaCache 0.2"]["fraction_computed"] < 1
+    assert [row["name"] for row in short["rows"]] == ["baseline", "TeaCache 0.2", "Cache-DiT 0.24", "Cache-DiT 0.24 + TaylorSeer",
                                                       "Cache-DiT + SCM fast", "Cache-DiT + TaylorSeer + SCM fast"]
     assert short["request"]["steps"] == 6
     assert mid["rows"][0]["name"] == "baseline" and len(mid["rows"]) == 5
     readme = (tmp_path / "README.md").read_text()
-    assert "Best speedup per method at matched quality (PSNR >= 30 dB and SSIM >= 0.97" in readme and "| TeaCache 0.2 |" in readme
-    assert (tmp_path / "speed_vs_quality.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
+    assert "fastest row meeting the gate" in readme and "| TeaCache 0.2 (default) |" in readme
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| FP8 weight_only + Cache-DiT defaults |" in summary and "held-out prompts" in summary
+    assert (tmp_path / "fronts.png").stat().st_size > 1000 and (tmp_path / "grid.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -71,3 +108,22 @@ def test_vae_memory_benchmark_shows_tiling_lowers_the_decode_peak(tmp_path):
     assert untiled["pixels_shape"] == tiled["pixels_shape"] == [1, 3, 1, 512, 512]
     assert 0 < tiled["decode_peak_mb"] < untiled["decode_peak_mb"], "tiles decode in less memory than the whole image"
     assert "| untiled |" in (tmp_path / "vae_memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_server_benchmark_compares_previews_on_off_and_in_process(tmp_path):
+    from bench.server import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "server.json").read_text())
+    cells = {f"{path} | {row}" for path in ("in-process", "server", "server+preview") for row in ("baseline", "TeaCache 0.2")}
+    assert set(results["raw"]) == cells and [sorted(o) for o in results["row_order_per_round"]] == [sorted(cells)]
+    for cell, reps in results["raw"].items():
+        assert len(reps) == results["rounds"] and all(r["seconds"] > 0 for r in reps)
+        if cell.startswith("server | "):
+            assert all(r["previews_sent"] == 0 for r in reps), "--preview-method none sends no previews"
+    for path, ratio in results["speedup"].items():  # every quoted ratio recomputes from the raw times
+        median = {row: sorted(r["seconds"] for r in results["raw"][f"{path} | {row}"]) for row in ("baseline", "TeaCache 0.2")}
+        assert ratio == pytest.approx(median["baseline"][len(median["baseline"]) // 2] / median["TeaCache 0.2"][len(median["TeaCache 0.2"]) // 2])
+    assert set(results["versions"]) >= {"torch", "diffusers", "comfyui"}
+    assert "| server+preview |" in (tmp_path / "server.md").read_text()

@@ -200,7 +200,7 @@ def test_stacks_with_caches_and_bypass_gives_the_exact_plain_model(model_dirs):
 
 
 def test_fp8_on_a_gguf_transformer_is_refused(model_dirs, tmp_path):
-    from tests.gguf_files import write_gguf
+    from tools.gguf_files import write_gguf
     from safetensors.torch import load_file
 
     state = load_file(str(model_dirs["tiny-qwen-image"] / "transformer" / "diffusion_pytorch_model.safetensors"))

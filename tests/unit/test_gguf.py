@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from omni_core import LoadSpec, ModelLoadError, ModelStore, OmniPipe, Variant
 from omni_core.quant import gguf
 from omni_core.single_file import check_transformer_file
-from tests.gguf_files import quantize_q4_k, random_blocks, write_gguf
+from tools.gguf_files import quantize_q4_k, random_blocks, write_gguf
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "BF16"]
 

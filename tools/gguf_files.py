@@ -1,4 +1,4 @@
-"""Write GGUF transformer files of the test models with the `gguf` package (test data).
+"""Write GGUF transformer files of the small models with the `gguf` package (test and benchmark data).
 
 gguf-py quantizes F16, BF16, Q8_0 and Q4_0..Q5_1 but no K-quant; Q4_K is written here, by the format's
 definition (super-blocks of 256 values in 8 groups of 32, 6-bit group scales and minimums under fp16
