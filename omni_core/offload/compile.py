@@ -26,6 +26,10 @@ from ..recipe import Accelerator
 log = logging.getLogger("omni_accel")
 MODES = ("off", "regional")
 BACKEND = "inductor"  # torch.compile's backend (tests replace it to simulate a failing compiler)
+# Dynamo keeps compiled entries per code object, and every model's blocks of one class share one `forward`:
+# its default limit of 8 entries is soon spent in a server that compiles a few models and sizes, after which
+# dynamo runs new ones eagerly without an error. One entry per (model, block shape, size) is expected here.
+RECOMPILE_LIMIT = 64
 
 
 def _is_compile_error(exc: BaseException) -> bool:
@@ -90,6 +94,9 @@ class RegionalCompile(Accelerator):
     load_order: ClassVar[int] = 15  # after quantization (it compiles the FP8 layers), before placement hooks
 
     def prepare(self, loading) -> None:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         state = CompileState()
         for denoiser in loading.family.denoisers(loading.pipeline).values():
             for block in repeated_blocks(denoiser, loading.family):

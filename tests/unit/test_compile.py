@@ -36,6 +36,9 @@ def test_only_blocks_are_compiled_and_a_second_run_reuses_them(model_dirs):
     assert not any(isinstance(m.__dict__.get("forward"), CompiledForward)
                    for name, m in loaded.pipeline.components.items() if name != "transformer" and isinstance(m, torch.nn.Module))
     section = first.report.sections["compile"]
+    # Blocks of every model share one forward, and so dynamo's per-code-object entry limit: raised so that
+    # a server compiling several models and sizes keeps compiling (the benchmark's rows alone spend 8).
+    assert torch._dynamo.config.recompile_limit >= regional.RECOMPILE_LIMIT
     assert section["graphs_compiled_this_run"] > 0 and section["compiled"] == {"QwenImageTransformerBlock": 2}
     assert _close(first.latent, eager)
     second = generate(compiled, REQUEST, store)
