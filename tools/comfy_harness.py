@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,14 @@ def comfyui_command(base: Path, port: int, extra_args: list[str] = ()) -> list[s
     ]
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: a test run killed outright (no fixture teardown) takes its server along."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ComfyServer:
     def __init__(self, base: Path, port: int | None = None, extra_args: list[str] = (), log_path: Path | None = None,
                  env: dict[str, str] | None = None):
@@ -112,7 +121,7 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = subprocess.Popen(
             comfyui_command(self.base, self.port, self.extra_args),
-            cwd=str(BUILD / "comfyui"), stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=str(BUILD / "comfyui"), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

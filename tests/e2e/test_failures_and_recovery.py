@@ -112,3 +112,29 @@ def test_free_releases_pipelines_and_next_run_reloads_same_output(comfy, model_d
     reloaded = run(33)["model_load_id"]
     assert reloaded > first, "the pipeline was released and loaded again"
     assert run(34)["model_load_id"] == reloaded
+
+
+def test_a_test_process_killed_outright_takes_its_server_along(tmp_path):
+    """No fixture teardown runs when a test run is killed; its ComfyUI must not live on as an orphan."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); from tools.comfy_harness import ComfyServer; "
+              "print(ComfyServer(sys.argv[2]).start().process.pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "orphan")], capture_output=True,
+                         text=True, check=True, timeout=240)
+    pid = int(out.stdout.strip().splitlines()[-1])
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(), "the server outlived the process that started it"
