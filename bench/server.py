@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps and repetitions: checks the command, not the numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    steps, rounds = (8, 1) if args.quick else (50, 5)
+    steps, rounds = (8, 1) if args.quick else (50, 9)
     started = time.perf_counter()
 
     folder = reference_model_folder()

@@ -145,12 +145,17 @@ def generate(
             ]
             text_encoder = getattr(run.pipeline, "text_encoder", None)
             encode_timer = probes.enter_context(timing_calls(text_encoder)) if text_encoder is not None else None
-            with report.stage("pipeline"):
+            # inference_mode, as ComfyUI runs every node: the same numbers as the pipeline's own no_grad, with
+            # less bookkeeping per op (~8% on the small reference model), so in-process and server runs agree.
+            with report.stage("pipeline"), torch.inference_mode():
                 output = run.pipeline(
                     **call.kwargs, generator=request.cpu_generator(), callback_on_step_end=step_end, return_dict=False
                 )[0]
         with report.stage("to_latent"):
-            latent = family.output_to_latent(run.pipeline, output, request)
+            with torch.inference_mode():
+                latent = family.output_to_latent(run.pipeline, output, request)
+            if latent.is_inference() and not torch.is_inference_mode_enabled():
+                latent = latent.clone()  # callers outside inference mode get an ordinary tensor they may modify
 
     calls = sum(c.calls for c in denoiser_calls.values())
     with report.writing("run counters"):
