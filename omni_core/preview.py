@@ -10,7 +10,10 @@ read off the last step) rather than the noisy x_t.
 
 Previews are throttled by time, not steps: one is made when at least `min_interval_s` has passed since the
 last and the last one's cost is at most `budget` of the time since, so a step that takes 5 ms on a small
-model is not slowed by pictures nobody can see at that rate. `min_interval_s` 0 makes one every step.
+model is not slowed by pictures nobody can see at that rate. A decoded preview should also cost at most
+half a denoising step (so the first one of a short run adds at most that): when it costs more, the next
+ones decode fewer latent pixels (down to 8 a side), and more again when they have become cheap; the size
+found is kept per loaded model. `min_interval_s` 0 makes one every step, at the largest size.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from .request import GenerationRequest
 
 PREVIEW_METHODS = ("decoded", "linear")
 _MAX_PREVIEW_LATENT = 32  # latent pixels per side decoded for a preview (256 px at 8x compression)
+_MIN_PREVIEW_LATENT = 8  # the smallest it adapts down to
+_STEP_SHARE = 0.5  # a decoded preview should cost at most this share of a denoising step
 _FIT_IMAGES = 12  # synthetic pictures encoded for the fit
 _FIT_PIXELS = 128  # their side; 8-16 latent pixels at the VAEs' 8x / 16x compression
 
@@ -89,12 +94,16 @@ class Previewer:
     """Called after every step with the scheduler's latents; returns a picture when one is due, else None."""
 
     def __init__(self, pipeline, family: ModelFamily, request: GenerationRequest, settings: PreviewSettings,
-                 rgb_map: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 rgb_map: tuple[torch.Tensor, torch.Tensor] | None = None, state: dict | None = None):
         self.pipeline, self.family, self.request, self.settings = pipeline, family, request, settings
         self.rgb_map = rgb_map
+        # Kept by the caller per loaded model: the preview size that this model's decode affords.
+        self.state = state if state is not None else {}
+        self.state.setdefault("latent_side", _MAX_PREVIEW_LATENT)
         self.previous: torch.Tensor | None = None
-        self.last_at = time.perf_counter()  # the first preview after min_interval_s: step 1's estimate is noise
+        self.started = self.last_at = time.perf_counter()  # first preview after min_interval_s: step 1 is noise
         self.last_cost = 0.0
+        self.decoded_side: int | None = None  # latent pixels a side of the last decoded preview
         self.made = 0
         self.seconds = 0.0
 
@@ -112,7 +121,17 @@ class Previewer:
         self.last_cost = self.last_at - start
         self.made += 1
         self.seconds += self.last_cost
+        if throttled and self.settings.method == "decoded":
+            self._fit_size_to_step(step_time=(start - self.started - self.seconds + self.last_cost) / step)
         return picture
+
+    def _fit_size_to_step(self, step_time: float) -> None:
+        side = self.state["latent_side"]
+        decoded = min(side, self.decoded_side or side)  # a small picture may be under the cap already
+        if self.last_cost > _STEP_SHARE * step_time and decoded > _MIN_PREVIEW_LATENT:
+            self.state["latent_side"] = max(decoded // 2, _MIN_PREVIEW_LATENT)  # ~4x fewer pixels to decode
+        elif self.last_cost < _STEP_SHARE * step_time / 8 and side < _MAX_PREVIEW_LATENT and decoded == side:
+            self.state["latent_side"] = min(side * 2, _MAX_PREVIEW_LATENT)
 
     @torch.no_grad()
     def picture(self, estimate: torch.Tensor) -> Image.Image:
@@ -128,7 +147,9 @@ class Previewer:
         return Image.fromarray(np.ascontiguousarray(array))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        kernel = -(-max(z.shape[-2:]) // _MAX_PREVIEW_LATENT)
+        side = self.state["latent_side"] if self.settings.min_interval_s > 0 else _MAX_PREVIEW_LATENT
+        kernel = -(-max(z.shape[-2:]) // side)
+        self.decoded_side = -(-max(z.shape[-2:]) // kernel)
         if kernel > 1:
             flat = z.flatten(1, 2) if z.ndim == 5 else z
             pooled = torch.nn.functional.avg_pool2d(flat.float(), kernel, ceil_mode=True)

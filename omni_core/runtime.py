@@ -124,7 +124,8 @@ def generate(
                 rgb_map = loaded.derived.get("preview_rgb_map")
                 if rgb_map is None:
                     rgb_map = loaded.derived["preview_rgb_map"] = fit_rgb_map(run.pipeline.vae, family)
-            previewer = Previewer(run.pipeline, family, request, previews, rgb_map)
+            previewer = Previewer(run.pipeline, family, request, previews, rgb_map,
+                                  state=loaded.derived.setdefault("preview", {}))
 
         def step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
             run.steps_done = step + 1
@@ -179,6 +180,8 @@ def generate(
         if previewer is not None:
             report.counters["previews"] = {"method": previewer.settings.method, "made": previewer.made,
                                            "seconds": round(previewer.seconds, 4)}
+            if previewer.settings.method == "decoded":
+                report.counters["previews"]["next_latent_side"] = previewer.state["latent_side"]
     log.info(
         "Omni Accel: %s, %d steps, %d transformer calls, %.2f s",
         spec.name, request.steps, calls, report.stages.get("pipeline", 0.0),

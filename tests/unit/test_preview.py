@@ -98,6 +98,46 @@ def test_previews_are_throttled_by_time_and_by_their_own_cost(monkeypatch):
     assert previewer.seconds == pytest.approx(0.04 * len(made), rel=0.5)
 
 
+def _run_steps(previewer, picture_s: float, step_s: float, steps: int) -> None:
+    def picture(estimate):
+        time.sleep(picture_s)
+        return "picture"
+
+    previewer.picture = picture
+    for step in range(1, steps + 1):
+        time.sleep(step_s)
+        previewer(step, torch.zeros(1))
+
+
+def test_decoded_previews_shrink_until_one_costs_at_most_half_a_step_and_grow_back():
+    state = {}
+    settings = PreviewSettings(min_interval_s=0.001, budget=1.0)
+    new = lambda: Previewer(SimpleNamespace(scheduler=None), None, None, settings, state=state)  # noqa: E731
+    assert new().state["latent_side"] == 32
+    _run_steps(new(), picture_s=0.02, step_s=0.005, steps=6)  # a preview costs 4 steps: shrink to the floor
+    assert state["latent_side"] == 8
+    previewer = new()  # the next run on this model starts from what the last one found
+    _run_steps(previewer, picture_s=0.0, step_s=0.02, steps=4)  # previews have become cheap: grow again
+    assert state["latent_side"] == 32 and previewer.made == 4
+    unthrottled = Previewer(SimpleNamespace(scheduler=None), None, None, EVERY_STEP, state=state)
+    _run_steps(unthrottled, picture_s=0.02, step_s=0.001, steps=3)
+    assert state["latent_side"] == 32, "one preview every step (min_interval_s 0) keeps the full size"
+
+
+def test_preview_size_adapts_per_loaded_model_on_a_real_decode(model_dirs):
+    store = ModelStore()
+    pipe = OmniPipe(LoadSpec.create(model_dirs["tiny-qwen-image"], "tiny-qwen-image"))
+    request = GenerationRequest(prompt="x", seed=1, steps=6, cfg=1.0, width=512, height=272)
+    seen = []
+    result = generate(pipe, request, store, on_step=lambda d, t, image: seen.append(image),
+                      previews=PreviewSettings(min_interval_s=1e-6, budget=1.0))
+    loaded, _ = store.get(pipe.spec)
+    side = loaded.derived["preview"]["latent_side"]
+    assert result.report.counters["previews"]["next_latent_side"] == side in (8, 16, 32)
+    made = [image for image in seen if image is not None]
+    assert made and max(made[-1].size) <= 32 * (512 // result.latent.shape[-1]), "decoded at most 32 latent pixels"
+
+
 def test_preview_settings_are_checked():
     with pytest.raises(ValueError, match="preview method 'taesd'"):
         PreviewSettings("taesd")
