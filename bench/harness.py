@@ -115,6 +115,20 @@ def dit_bytes(loaded) -> int:
                for t in list(d.parameters()) + list(d.buffers()) if t.untyped_storage().size() > 0)
 
 
+def pair_scores(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """PSNR (capped at 99 dB: identical pictures) and SSIM of a picture against the unaccelerated one."""
+    return {"psnr_db": min(psnr(image, reference), 99.0), "ssim": ssim(image, reference)}
+
+
+def colour_error(preview: np.ndarray, image: np.ndarray) -> list[float]:
+    """Mean absolute error per RGB channel (0-255) between a preview and the saved image averaged down to the
+    preview's size (the preview is never larger than the latent grid or the image)."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(image).resize(preview.shape[1::-1], Image.BOX), dtype=np.float64)
+    return [float(v) for v in np.abs(preview.astype(np.float64) - small).mean(axis=(0, 1))]
+
+
 def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationRequest,
              instrumented: bool = False) -> tuple[float, np.ndarray, dict, dict | None]:
     """One generation + decode; with `instrumented`, also where the time went (text encoder, blocks, rest
@@ -125,8 +139,7 @@ def run_once(row: Row, pipe: OmniPipe, store: ModelStore, request: GenerationReq
     cuda = loaded.spec.device.startswith("cuda")
     clock = None
     if instrumented:
-        blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
-        clock = BlockClock(blocks, cuda)
+        clock = BlockClock(loaded.family.denoiser_blocks(loaded.pipeline), cuda)
     if cuda:
         torch.cuda.synchronize()
     try:
@@ -211,7 +224,7 @@ def summarize(rows: list[Row], baseline: Row) -> list[dict]:
     out = []
     for row in rows:
         pairs = [(row.images[i], baseline.images[i]) for i in sorted(baseline.images)]
-        scores = [{"prompt": i, "psnr_db": min(psnr(a, b), 99.0), "ssim": ssim(a, b)}
+        scores = [{"prompt": i, **pair_scores(a, b)}
                   for i, (a, b) in zip(sorted(baseline.images), pairs)]
         speedup = base_time / statistics.median(row.times)
         fraction = float(np.mean(row.fraction))

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.harness import (Row, calibrate_magcache, diffusers_cache, images_for, machine, measure, psnr, ssim,  # noqa: E402
-                           summarize, versions)
+from bench.harness import (Row, calibrate_magcache, diffusers_cache, images_for, machine, measure,  # noqa: E402
+                           pair_scores, summarize, versions)
 from bench.report import meets_gate  # noqa: E402
 from omni_core import GenerationRequest, LoadSpec, ModelStore, OmniPipe  # noqa: E402
 from omni_core.cache.cachedit import CacheDiT  # noqa: E402
@@ -127,10 +127,11 @@ def held_out_check(result: dict, rows: list[Row], pipe: OmniPipe, store: ModelSt
     def check(name: str) -> dict:
         if name not in checked:
             images = images_for(by_name[name], pipe, store, requests)
+            scores = [pair_scores(a, b) for a, b in zip(images, baseline)]
             checked[name] = {
                 "accuracy": accuracy(scenes, images)["all"],
-                "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, baseline)])),
-                "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, baseline)])),
+                "psnr_db": float(np.mean([s["psnr_db"] for s in scores])),
+                "ssim": float(np.mean([s["ssim"] for s in scores])),
             }
             checked[name]["meets_gate"] = meets_gate({"name": name, **checked[name]}, None, len(scenes)) and (
                 checked[name]["accuracy"] >= base_accuracy - 1 / len(scenes) - 1e-9)

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import machine, to_uint8, versions  # noqa: E402
+from bench.harness import colour_error, machine, versions  # noqa: E402
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate  # noqa: E402
 from omni_core.cache.teacache import TeaCache  # noqa: E402
 from tools.comfy_harness import ComfyServer  # noqa: E402
@@ -40,24 +40,14 @@ ROW_ORDER_SEED = 2026
 WORKFLOWS = {"baseline": "qwen_image", "TeaCache 0.2": "qwen_image_teacache"}
 
 
-def workflow(name: str, steps: int, seed: int) -> dict:
-    prompt = json.loads((ROOT / "example_workflows" / "api" / f"{WORKFLOWS[name]}.json").read_text())
-    sampler = next(node for node in prompt.values() if node["class_type"] == "OmniSampler")
-    sampler["inputs"].update(steps=steps, seed=seed)
-    return prompt
-
-
 def sampler_inputs(prompt: dict) -> dict:
     return next(node for node in prompt.values() if node["class_type"] == "OmniSampler")["inputs"]
 
 
-def colour_error(preview: np.ndarray, image: np.ndarray) -> list[float]:
-    """Mean absolute error per RGB channel (0-255) between a preview and the saved image averaged down to the
-    preview's size (the preview is never larger than the latent grid or the image)."""
-    from PIL import Image
-
-    small = np.asarray(Image.fromarray(image).resize(preview.shape[1::-1], Image.BOX), dtype=np.float64)
-    return [float(v) for v in np.abs(preview.astype(np.float64) - small).mean(axis=(0, 1))]
+def workflow(name: str, steps: int, seed: int) -> dict:
+    prompt = json.loads((ROOT / "example_workflows" / "api" / f"{WORKFLOWS[name]}.json").read_text())
+    sampler_inputs(prompt).update(steps=steps, seed=seed)
+    return prompt
 
 
 def main(argv=None) -> int:

@@ -39,10 +39,12 @@ QUICK_CASES = {
 SETTINGS = ("untiled", "tiled")
 
 
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+def _memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its high-water mark) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line; this benchmark needs Linux")
 
 
 def _reset_peak() -> None:
@@ -50,13 +52,6 @@ def _reset_peak() -> None:
     # under pytest, every decode "peaked" at the test process's size). Linux resets this process's own mark
     # (VmHWM) on request.
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line; this benchmark needs Linux")
 
 
 def measure_one(vae_class: str, config: dict, shape: list[int], options: dict) -> dict:
@@ -68,13 +63,13 @@ def measure_one(vae_class: str, config: dict, shape: list[int], options: dict) -
     torch.manual_seed(0)
     vae = getattr(diffusers, vae_class)(**config).eval()
     latent = torch.randn(*shape)
-    before = _rss_mb()
+    before = _memory_mb("VmRSS")
     _reset_peak()
     start = time.perf_counter()
     with vae_settings(vae, DecodeOptions(**options)), torch.no_grad():
         pixels = vae.decode(latent, return_dict=False)[0]
     seconds = time.perf_counter() - start
-    peak = _peak_mb()
+    peak = _memory_mb("VmHWM")
     return {"decode_peak_mb": peak - before, "seconds": seconds, "pixels_shape": list(pixels.shape)}
 
 

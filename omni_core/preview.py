@@ -97,6 +97,7 @@ class Previewer:
                  rgb_map: tuple[torch.Tensor, torch.Tensor] | None = None, state: dict | None = None):
         self.pipeline, self.family, self.request, self.settings = pipeline, family, request, settings
         self.rgb_map = rgb_map
+        self.throttled = settings.min_interval_s > 0  # else one every step, at full size
         # Kept by the caller per loaded model: the preview size that this model's decode affords.
         self.state = state if state is not None else {}
         self.state.setdefault("latent_side", _MAX_PREVIEW_LATENT)
@@ -110,8 +111,7 @@ class Previewer:
     def __call__(self, step: int, latents: torch.Tensor) -> Image.Image | None:
         previous, self.previous = self.previous, latents
         since = time.perf_counter() - self.last_at
-        throttled = self.settings.min_interval_s > 0
-        if throttled and (since < self.settings.min_interval_s or self.last_cost > self.settings.budget * since):
+        if self.throttled and (since < self.settings.min_interval_s or self.last_cost > self.settings.budget * since):
             return None
         if latents.is_cuda:  # time the preview, not the step still running on the GPU
             torch.cuda.synchronize(latents.device)
@@ -121,7 +121,7 @@ class Previewer:
         self.last_cost = self.last_at - start
         self.made += 1
         self.seconds += self.last_cost
-        if throttled and self.settings.method == "decoded":
+        if self.throttled and self.settings.method == "decoded":
             self._fit_size_to_step(step_time=(start - self.started - self.seconds + self.last_cost) / step)
         return picture
 
@@ -147,7 +147,7 @@ class Previewer:
         return Image.fromarray(np.ascontiguousarray(array))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        side = self.state["latent_side"] if self.settings.min_interval_s > 0 else _MAX_PREVIEW_LATENT
+        side = self.state["latent_side"] if self.throttled else _MAX_PREVIEW_LATENT
         kernel = -(-max(z.shape[-2:]) // side)
         self.decoded_side = -(-max(z.shape[-2:]) // kernel)
         if kernel > 1:

@@ -102,7 +102,7 @@ def counting_block_passes(store, pipe):
     from omni_core.probes import block_probe_target
 
     loaded, _ = store.get(pipe.spec)
-    blocks = [b for d in loaded.family.denoisers(loaded.pipeline).values() for b in loaded.family.transformer_blocks(d)]
+    blocks = loaded.family.denoiser_blocks(loaded.pipeline)
     counter = {"passes": 0}
 
     def count(module, args):

@@ -211,6 +211,10 @@ class ModelFamily:
     def transformer_blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         return [block for attr in self.block_lists for block in getattr(transformer, attr)]
 
+    def denoiser_blocks(self, pipeline) -> list[torch.nn.Module]:
+        """Every denoiser's transformer blocks, denoiser by denoiser."""
+        return [block for denoiser in self.denoisers(pipeline).values() for block in self.transformer_blocks(denoiser)]
+
     def components_in_order_of_use(self, pipeline) -> list[str]:
         """Module components as a run uses them: encoders, then the denoiser(s), then the VAE."""
         present = [name for name, value in pipeline.components.items() if isinstance(value, torch.nn.Module)]

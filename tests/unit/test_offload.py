@@ -30,11 +30,6 @@ def offload_store():
     return ModelStore(max_per_device=3)
 
 
-def _blocks(loaded):
-    family = loaded.family
-    return [b for d in family.denoisers(loaded.pipeline).values() for b in family.transformer_blocks(d)]
-
-
 @pytest.mark.parametrize("model", FAMILIES)
 @pytest.mark.parametrize("offload", [LayerwiseOffload(), LayerwiseOffload(blocks_on_device=2, prefetch=False),
                                      LayerwiseOffload(blocks_on_device=2)], ids=["1+prefetch", "2", "2+prefetch"])
@@ -44,7 +39,7 @@ def test_blocks_resident_never_exceed_the_setting_and_output_is_identical(offloa
     plain = generate(pipe, request, offload_store).latent
     streamed = pipe.with_accelerator(offload)
     loaded, _ = offload_store.get(streamed)
-    blocks = _blocks(loaded)
+    blocks = loaded.family.denoiser_blocks(loaded.pipeline)
     seen = []
 
     def probe(module, args):  # fires inside a block's computation (its attention query projection)

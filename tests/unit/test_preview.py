@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import pytest
 
+from bench.harness import colour_error, to_uint8
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate
 from omni_core.preview import Previewer, PreviewSettings
 from tools.tiny_models import reference_model_folder
@@ -56,11 +57,8 @@ def _last_preview_error(method: str) -> np.ndarray:
     result = generate(pipe, request, store, on_step=lambda d, t, image: previews.append(image),
                       previews=PreviewSettings(method, min_interval_s=0))
     loaded, _ = store.get(pipe.spec)
-    image = decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))[0].numpy() * 255
-    preview = np.asarray(previews[-1], dtype=np.float64)
-    factor = 64 // preview.shape[0]
-    small = image.reshape(64 // factor, factor, 64 // factor, factor, 3).mean(axis=(1, 3))
-    return np.abs(preview - small).mean(axis=(0, 1))  # per channel, 0-255
+    image = to_uint8(decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False))[0])
+    return np.array(colour_error(np.asarray(previews[-1]), image))  # per channel, 0-255
 
 
 def test_decoded_preview_has_the_saved_pictures_colours():
