@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         loaded, _ = store.get(pipe.spec)
         decode(loaded.family, loaded.pipeline.vae, result.latent, DecodeOptions(tiling=False)).numpy()
 
-    workflow = json.loads((ROOT / "example_workflows" / "api" / "qwen_image.json").read_text())
+    workflow = json.loads((ROOT / "workflows" / "api" / "qwen_image.json").read_text())
     workflow["1"]["inputs"]["model"] = args.model
     workflow["2"]["inputs"].update(prompt=PROMPT, steps=args.steps, cfg=args.cfg, width=args.size, height=args.size)
     workflow["3"]["inputs"]["tiling"] = False

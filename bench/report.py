@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 QUALITY_BAR_DB = 30.0  # vLLM-Omni's quality gate vs the uncached output: PSNR >= 30 dB and SSIM >= 0.97
 QUALITY_BAR_SSIM = 0.97
@@ -238,9 +237,3 @@ def write_results(out: Path, scenarios: list[dict], command: str, machine: str, 
         (out / "summary.md").write_text("\n".join(summary(results)) + "\n")
         if readme is not None:
             write_summary(readme, summary(results))
-
-
-def load_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))

@@ -45,7 +45,7 @@ def sampler_inputs(prompt: dict) -> dict:
 
 
 def workflow(name: str, steps: int, seed: int) -> dict:
-    prompt = json.loads((ROOT / "example_workflows" / "api" / f"{WORKFLOWS[name]}.json").read_text())
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{WORKFLOWS[name]}.json").read_text())
     sampler_inputs(prompt).update(steps=steps, seed=seed)
     return prompt
 

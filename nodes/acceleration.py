@@ -4,27 +4,30 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..omni_core import OmniPipe
+from ..omni_core import Accelerator, OmniPipe
 from .base import CATEGORY, OmniNode, OmniPipeType
+from .schema import inputs_for
 
 
 class AccelerationNode(OmniNode):
-    """Subclasses define NODE_ID, DISPLAY_NAME, DESCRIPTION, OUTPUT_TOOLTIP, `settings()` (their V3 inputs
-    after `pipe`) and `build(**settings)` returning the omni_core Accelerator, which checks its own values:
-    at queue time when all are known, and again when the node runs."""
+    """Subclasses define NODE_ID, DISPLAY_NAME, DESCRIPTION, OUTPUT_TOOLTIP and ACCELERATOR, the omni_core
+    Accelerator whose declared settings are the node's inputs after `pipe` (defaults, ranges and tooltips
+    come from there). The accelerator checks its own values: at queue time when all are known, and again
+    when the node runs."""
 
     NODE_ID: str
     DISPLAY_NAME: str
     DESCRIPTION: str
     OUTPUT_TOOLTIP: str
+    ACCELERATOR: type[Accelerator]
 
     @classmethod
     def settings(cls) -> list[io.Input]:
-        raise NotImplementedError
+        return inputs_for(cls.ACCELERATOR)
 
     @classmethod
-    def build(cls, **settings):
-        raise NotImplementedError
+    def build(cls, **settings) -> Accelerator:
+        return cls.ACCELERATOR.from_user(**settings)
 
     @classmethod
     def define_schema(cls) -> io.Schema:

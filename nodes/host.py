@@ -15,6 +15,8 @@ import atexit
 import functools
 import logging
 import os
+import signal
+import threading
 
 import comfy.model_management as mm
 import comfy.utils
@@ -77,8 +79,35 @@ def _make_room(nbytes: int, device: str) -> None:
         log.exception("Omni Accel: asking ComfyUI to free memory on %s failed", device)
 
 
-# Worker pools (Parallel Config) stop with the server; their workers also exit on their own when it is gone.
-atexit.register(STORE.release, reason="the server is shutting down")
+# Worker pools (Parallel Config) stop with the server, without waiting for a load in progress; their workers
+# also exit on their own when it is gone (the kernel's parent-death signal, and their closed connection).
+atexit.register(STORE.shutdown, reason="the server is shutting down")
+
+
+def _stop_pools_on_sigterm() -> None:
+    """`kill` (SIGTERM) ends ComfyUI without running atexit hooks: stop the worker pools first, then let the
+    signal do what it did before."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        try:
+            log.info("Omni Accel: SIGTERM, stopping the worker pools")
+            STORE.shutdown("the server received SIGTERM")
+        finally:
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    if not getattr(previous, "_omni_accel", False):
+        on_sigterm._omni_accel = True
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+_stop_pools_on_sigterm()
 _wrap("free_memory", _after_free_memory)
 _wrap("unload_all_models", _after_unload_all)
 STORE.before_load = _make_room
@@ -155,6 +184,11 @@ def preview_settings():
         raise ValueError(f"OMNI_ACCEL_PREVIEW_INTERVAL={interval!r}: expected seconds >= 0 ({exc})") from None
 
 
+def check_cancel() -> None:
+    """Raises ComfyUI's own interruption when the user pressed Cancel (asked while waiting on workers)."""
+    mm.throw_exception_if_processing_interrupted()
+
+
 def step_listener(total_steps: int):
     """One progress update per step (with a preview image when ComfyUI shows previews); ComfyUI's hook
     raises on Cancel, which ends the run cleanly."""
@@ -186,8 +220,7 @@ def _add_status_route() -> None:
 
     @instance.routes.get("/omni_accel/store")
     async def store_status(request):
-        return web.json_response({"held": STORE.held(), "loads": STORE.loads,
-                                  "max_pipelines_per_device": STORE.max_per_device})
+        return web.json_response(STORE.status())  # a snapshot: never waits for a load in progress
 
 
 _add_status_route()

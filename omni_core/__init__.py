@@ -3,20 +3,22 @@
 from .errors import IncompatibleStack, InvalidInput, ModelLoadError, OmniError
 from .recipe import Accelerator, OmniPipe, Variant
 from .request import GenerationRequest
-from .runtime import GenerationResult, generate
+from .executor import Executor, LocalExecutor
+from .runtime import GenerationResult, decode_latent, generate
 from .spec import LoadSpec
-from .store import LoadedModel, ModelStore
-from .vae import DecodeOptions, decode, decode_latent
+from .store import ModelStore
+from .vae import DecodeOptions, decode
 
 __all__ = [
     "Accelerator",
     "DecodeOptions",
+    "Executor",
     "GenerationRequest",
     "GenerationResult",
     "IncompatibleStack",
     "InvalidInput",
     "LoadSpec",
-    "LoadedModel",
+    "LocalExecutor",
     "ModelLoadError",
     "ModelStore",
     "OmniError",

@@ -13,7 +13,7 @@ from .errors import InvalidInput
 from .families import ModelFamily
 from .request import GenerationRequest
 from .source import ModelSource
-from .weights_check import tensor_bytes
+from .weights import open_weights
 
 GIB = 2**30
 # During a block's attention its input (kept for the residual), the query and the attention output exist
@@ -58,7 +58,7 @@ def folder_component_bytes(source: ModelSource, float_bytes: int, skip: list[str
     for path in source.weight_files(skip):
         component = path.parent.name
         keep = keep_fp32_modules(source, component) if float_bytes < 4 else ()
-        out[component] = out.get(component, 0) + tensor_bytes(path, float_bytes, keep)
+        out[component] = out.get(component, 0) + open_weights(path).loaded_bytes(float_bytes, keep)
     return out
 
 
@@ -66,6 +66,15 @@ def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a loaded module's parameters and buffers (measured, for reports and checks)."""
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class ActivationShares:
+    """How a run's activations are split over ranks, and how many ranks share one device's memory."""
+
+    sequence: int = 1  # ranks splitting the tokens (sequence parallel)
+    rows: int = 1  # ranks splitting the batch rows (CFG parallel)
+    sharing: int = 1  # ranks whose activations live in the same memory (CPU ranks share the host's)
 
 
 @dataclass(frozen=True)
@@ -80,10 +89,10 @@ class ActivationFloor:
 
     @classmethod
     def of(cls, family: ModelFamily, source: ModelSource, request: GenerationRequest, dtype: str,
-           sequence_shards: int = 1, row_shards: int = 1) -> "ActivationFloor":
+           shares: ActivationShares = ActivationShares()) -> "ActivationFloor":
         """Per rank when the tokens (sequence parallel) or the batch rows (CFG parallel) are split."""
-        tokens = -(-family.image_tokens(source, request) // sequence_shards)
-        rows = max(1, family.rows_per_call(request) // row_shards)
+        tokens = -(-family.transformer_tokens(source, request) // shares.sequence)
+        rows = max(1, family.rows_per_call(request) // shares.rows)
         return cls(rows, tokens, family.hidden_size(source), DTYPE_BYTES[dtype])
 
     @property
@@ -91,7 +100,7 @@ class ActivationFloor:
         return self.copies * self.rows * self.tokens * self.hidden * self.float_bytes
 
     def describe(self) -> str:
-        return (f"{self.copies} copies of {self.rows} row(s) x {self.tokens} image tokens x {self.hidden} channels "
+        return (f"{self.copies} copies of {self.rows} row(s) x {self.tokens} tokens x {self.hidden} channels "
                 f"at {self.float_bytes} bytes")
 
 

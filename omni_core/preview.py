@@ -19,7 +19,7 @@ found is kept per loaded model. `min_interval_s` 0 makes one every step, at the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -61,11 +61,24 @@ class PreviewSettings:
     min_interval_s: float = 0.25
     budget: float = 0.02  # the most of the run's time previews may take
 
+    @classmethod
+    def of(cls, previews: "bool | PreviewSettings | None") -> "PreviewSettings | None":
+        """True: the defaults; False or None: no previews."""
+        return cls() if previews is True else previews or None
+
     def __post_init__(self):
         if self.method not in PREVIEW_METHODS:
             raise ValueError(f"preview method {self.method!r}: expected one of {', '.join(PREVIEW_METHODS)}")
         if self.min_interval_s < 0 or not 0 < self.budget <= 1:
             raise ValueError(f"preview min_interval_s {self.min_interval_s} must be >= 0 and budget {self.budget} in (0, 1]")
+
+
+@dataclass
+class PreviewMemo:
+    """What previews learn about one loaded model and keep for its later runs."""
+
+    latent_side: int = _MAX_PREVIEW_LATENT  # the preview size this model's decode affords
+    rgb_map: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # the linear map, once fitted
 
 
 @torch.no_grad()
@@ -94,13 +107,12 @@ class Previewer:
     """Called after every step with the scheduler's latents; returns a picture when one is due, else None."""
 
     def __init__(self, pipeline, family: ModelFamily, request: GenerationRequest, settings: PreviewSettings,
-                 rgb_map: tuple[torch.Tensor, torch.Tensor] | None = None, state: dict | None = None):
+                 memo: PreviewMemo | None = None):
         self.pipeline, self.family, self.request, self.settings = pipeline, family, request, settings
-        self.rgb_map = rgb_map
         self.throttled = settings.min_interval_s > 0  # else one every step, at full size
-        # Kept by the caller per loaded model: the preview size that this model's decode affords.
-        self.state = state if state is not None else {}
-        self.state.setdefault("latent_side", _MAX_PREVIEW_LATENT)
+        self.memo = memo if memo is not None else PreviewMemo()  # kept by the caller per loaded model
+        if settings.method == "linear" and self.memo.rgb_map is None:
+            self.memo.rgb_map = fit_rgb_map(pipeline.vae, family)
         self.previous: torch.Tensor | None = None
         self.started = self.last_at = time.perf_counter()  # first preview after min_interval_s: step 1 is noise
         self.last_cost = 0.0
@@ -126,12 +138,19 @@ class Previewer:
         return picture
 
     def _fit_size_to_step(self, step_time: float) -> None:
-        side = self.state["latent_side"]
+        side = self.memo.latent_side
         decoded = min(side, self.decoded_side or side)  # a small picture may be under the cap already
         if self.last_cost > _STEP_SHARE * step_time and decoded > _MIN_PREVIEW_LATENT:
-            self.state["latent_side"] = max(decoded // 2, _MIN_PREVIEW_LATENT)  # ~4x fewer pixels to decode
+            self.memo.latent_side = max(decoded // 2, _MIN_PREVIEW_LATENT)  # ~4x fewer pixels to decode
         elif self.last_cost < _STEP_SHARE * step_time / 8 and side < _MAX_PREVIEW_LATENT and decoded == side:
-            self.state["latent_side"] = min(side * 2, _MAX_PREVIEW_LATENT)
+            self.memo.latent_side = min(side * 2, _MAX_PREVIEW_LATENT)
+
+    def describe(self) -> dict:
+        """The previews of this run, for the report."""
+        described = {"method": self.settings.method, "made": self.made, "seconds": round(self.seconds, 4)}
+        if self.settings.method == "decoded":
+            described["next_latent_side"] = self.memo.latent_side
+        return described
 
     @torch.no_grad()
     def picture(self, estimate: torch.Tensor) -> Image.Image:
@@ -139,7 +158,7 @@ class Previewer:
         if z.ndim == 5:  # video: the first latent frame
             z = z[:, :, :1]
         if self.settings.method == "linear":
-            weight, bias = self.rgb_map
+            weight, bias = self.memo.rgb_map
             rgb = torch.einsum("chw,cd->hwd", z.reshape(z.shape[1], *z.shape[-2:]).float().cpu(), weight) + bias
         else:
             rgb = self._decode(z)
@@ -147,7 +166,7 @@ class Previewer:
         return Image.fromarray(np.ascontiguousarray(array))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        side = self.state["latent_side"] if self.throttled else _MAX_PREVIEW_LATENT
+        side = self.memo.latent_side if self.throttled else _MAX_PREVIEW_LATENT
         kernel = -(-max(z.shape[-2:]) // side)
         self.decoded_side = -(-max(z.shape[-2:]) // kernel)
         if kernel > 1:

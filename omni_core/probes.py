@@ -30,7 +30,6 @@ def counting_calls(module: torch.nn.Module) -> Iterator[CallCounter]:
 class CallTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.calls = 0
         self._start: float | None = None
 
     def _pre(self, module, args) -> None:
@@ -39,7 +38,6 @@ class CallTimer:
     def _post(self, module, args, output) -> None:
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start
-            self.calls += 1
             self._start = None
 
 

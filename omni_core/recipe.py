@@ -20,11 +20,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from .errors import IncompatibleStack
+from .memory import ActivationShares
+from .settings import check_settings, from_user_values
 from .spec import LoadSpec
 
 
 class Accelerator:
-    """One recipe entry. Subclasses are frozen dataclasses of their settings (hashable, comparable)."""
+    """One recipe entry. Subclasses are frozen dataclasses of their settings (hashable, comparable), each
+    user-facing field declared with `settings.setting` (default, range, tooltip: the node derives its inputs)."""
 
     kind: ClassVar[str]  # report section name, e.g. "tea_cache"
     display_name: ClassVar[str]  # the node's name, used in messages
@@ -34,6 +37,18 @@ class Accelerator:
     load_time: ClassVar[bool] = False
     # Order in which load-time entries prepare a freshly loaded model (weights, then placement, then compile).
     load_order: ClassVar[int] = 0
+
+    def __post_init__(self):
+        check_settings(self)
+        self.check_values()
+
+    @classmethod
+    def from_user(cls, **values) -> "Accelerator":
+        """The entry from a node's input values (settings given as text are parsed)."""
+        return from_user_values(cls, **values)
+
+    def check_values(self) -> None:
+        """Refuse combinations of this entry's own values that no single range expresses."""
 
     def check_model(self, spec: LoadSpec) -> None:
         """Refuse families or folders this accelerator cannot serve. Runs when the node executes."""
@@ -69,16 +84,42 @@ class Accelerator:
         """Patch run.pipeline for one run (and/or report on it), yield, and undo everything in `finally`."""
         yield
 
+    def decisions(self, section: dict):
+        """What this entry decided during a run, read from its report section, that every rank of a parallel
+        layout must have decided alike (None: it decides nothing)."""
+        return None
+
     def describe(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
 
+class ExecutionLayout(Accelerator):
+    """A load-time entry that decides where the variant runs: instead of a pipeline in this process, the
+    store starts what `start` returns (a pool of worker ranks), which loads the variant's other entries."""
+
+    load_time: ClassVar[bool] = True
+
+    def activation_shares(self, device: str) -> ActivationShares:
+        """How a run's activations are split (and which memory the ranks share) under this layout."""
+        raise NotImplementedError
+
+    def start(self, variant: "Variant"):
+        """Starts and returns the executor (an omni_core.executor.Executor) of `variant`."""
+        raise NotImplementedError
+
+    def weights_detail(self, need: dict[str, int]) -> str:
+        """How the layout's weights bytes come about, for a refusal message."""
+        return ""
+
+
 @dataclass(frozen=True)
 class Variant:
-    """What the store loads by: the model and its load-time entries, in the order they prepare it."""
+    """What the store loads by: the model, its load-time entries in the order they prepare it, and the layout
+    deciding where it runs (None: a pipeline in this process)."""
 
     spec: LoadSpec
     entries: tuple[Accelerator, ...] = ()
+    layout: ExecutionLayout | None = None
 
     @classmethod
     def of(cls, item: "Variant | OmniPipe | LoadSpec") -> "Variant":
@@ -89,15 +130,20 @@ class Variant:
         return cls(item)
 
     def describe(self) -> dict:
+        entries = self.entries + ((self.layout,) if self.layout else ())
         return {"model": self.spec.name, "dtype": self.spec.dtype, "device": self.spec.device,
                 "files": [attr for attr, _ in self.spec.transformer_files],
-                "load_time": [entry.describe() for entry in self.entries]}
+                "load_time": [entry.describe() for entry in entries]}
 
     def label(self) -> str:
         parts = [self.spec.name, self.spec.dtype, self.spec.device]
         parts += [f"{attr} from file" for attr, _ in self.spec.transformer_files]
-        parts += [entry.display_name for entry in self.entries]
+        parts += [entry.display_name for entry in self.entries + ((self.layout,) if self.layout else ())]
         return ", ".join(parts)
+
+    @property
+    def activation_shares(self) -> ActivationShares:
+        return self.layout.activation_shares(self.spec.device) if self.layout else ActivationShares()
 
 
 @dataclass(frozen=True)
@@ -121,8 +167,10 @@ class OmniPipe:
 
     @property
     def variant(self) -> Variant:
-        entries = sorted((e.for_recipe(self.recipe) for e in self.recipe if e.load_time), key=lambda e: e.load_order)
-        return Variant(self.spec, tuple(entries))
+        prepared = [e.for_recipe(self.recipe) for e in self.recipe if e.load_time]
+        layout = next((e for e in prepared if isinstance(e, ExecutionLayout)), None)
+        entries = sorted((e for e in prepared if e is not layout), key=lambda e: e.load_order)
+        return Variant(self.spec, tuple(entries), layout)
 
     @property
     def run_time_entries(self) -> tuple[Accelerator, ...]:

@@ -9,31 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psutil
-import torch
-
 log = logging.getLogger("omni_accel")
-
-class MemoryWatch:
-    """Peak memory of one run. CUDA peaks come from the allocator; CPU RSS is sampled (once per step)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self._process = psutil.Process()
-        self.peak_rss = self._process.memory_info().rss
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
-
-    def result(self) -> dict[str, int]:
-        self.sample()
-        out = {"cpu_rss_peak_bytes": self.peak_rss}
-        if self.device.startswith("cuda"):
-            out["cuda_allocated_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            out["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
-        return out
 
 
 class RunReport:
@@ -44,15 +20,23 @@ class RunReport:
         self.sections: dict[str, dict] = {}
         self.counters: dict[str, Any] = {}
 
-    @classmethod
-    def from_parts(cls, parts: dict) -> "RunReport":
-        """A report rebuilt from another process's (header, counters, stages, sections, notes)."""
-        report = cls(**parts["header"])
-        report.counters.update(parts["counters"])
-        report.stages.update(parts["stages"])
-        report.sections.update(parts["sections"])
-        report.notes.extend(parts["notes"])
-        return report
+    def record_load(self, loaded_now: bool, load_id: int, releases: list[dict]) -> None:
+        """Whether this run had to load its model, which load it ran on, and what the store released for it."""
+        self.counters.update(loaded_this_run=loaded_now, model_load_id=load_id)
+        if releases:
+            self.counters["store_releases"] = releases
+
+    def parts(self) -> dict:
+        """What another process's report absorbs from this one (everything but the header)."""
+        return {"counters": self.counters, "stages": self.stages, "sections": self.sections, "notes": self.notes}
+
+    def absorb(self, parts: dict) -> None:
+        """Takes in what another process (a rank) wrote about the same run; stages timed here stay."""
+        self.counters.update(parts["counters"])
+        self.stages.update({k: v for k, v in parts["stages"].items() if k not in self.stages})
+        self.sections.update(parts["sections"])
+        for message in parts["notes"]:
+            self.note(message)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

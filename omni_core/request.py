@@ -8,61 +8,77 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
-from .errors import InvalidInput
+from .settings import check_settings, setting, settings_of
 
 MAX_SEED = 2**64 - 1
 
 
+_SIZE_TOOLTIP = (
+    "Output {} in pixels, a multiple of the family's size step (16 for full-size Qwen-Image, Flux, Wan). "
+    "0 = automatic for edit models (about 1 MP at the input image's aspect ratio)."
+)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 4.0
-    width: int = 1024  # 0 = automatic where the family can derive it (edit: from the input image)
-    height: int = 1024
-    batch_size: int = 1
+    prompt: str = setting(str, "", "What to generate.", multiline=True)
+    negative_prompt: str = setting(
+        str, "", "What to steer away from. Used only when cfg turns classifier-free guidance on.", multiline=True)
+    seed: int = setting(
+        int, 0, "Noise seed. Noise is drawn on the CPU, so a seed gives the same result on any device.", min=0,
+        max=MAX_SEED, control_after_generate=True)
+    steps: int = setting(int, 20, "Number of denoising steps.", min=1, max=10000)
+    # The families add what cfg becomes for each of them (the Sampler's tooltip lists it).
+    cfg: float = setting(
+        float, 4.0, "Classifier-free guidance in ComfyUI's convention (1 = off), mapped to each family's own "
+        "parameter.", min=0.0, max=100.0, step=0.1, round=0.01)
+    width: int = setting(int, 1024, _SIZE_TOOLTIP.format("width"), min=0, max=16384, step=16,
+                         valid="1 to 16384 (0 = automatic for edit models)")
+    height: int = setting(int, 1024, _SIZE_TOOLTIP.format("height"), min=0, max=16384, step=16,
+                          valid="1 to 16384 (0 = automatic for edit models)")
+    batch_size: int = setting(
+        int, 1, "Images (or videos) generated in one run from the same prompt (one noise draw for the batch).",
+        min=1, max=64, optional=True)
     # Inputs only some families use; the others ignore them with a note in the report.
     images: tuple[Image.Image, ...] = field(default=(), compare=False, repr=False)
-    num_frames: int = 81
-    guidance: float = 3.5
-    cfg_2: float = -1.0  # Wan 2.2 low-noise expert; negative = same as cfg
+    # Images given to a family that takes none: counted for the report's note, never converted.
+    ignored_images: int = field(default=0, compare=False)
+    num_frames: int = setting(
+        int, 81, "Video families (Wan): frames to generate, 4k+1 (e.g. 81 = 5 s at 16 fps). Image families ignore "
+        "it.", min=1, max=1025, step=4, optional=True)
+    guidance: float = setting(
+        float, 3.5, "Flux (dev layout): distilled guidance embedded in the model, one transformer pass per step. "
+        "Other families ignore it.", min=0.0, max=100.0, step=0.1, round=0.01, optional=True)
+    cfg_2: float = setting(
+        float, -1.0, "Wan 2.2: guidance of the low-noise expert (guidance_scale_2); -1 = same as cfg. Other "
+        "families ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True)
 
     # The family inputs that are plain values (images are counted, not listed).
     VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2")
 
+    def is_given(self, name: str) -> bool:
+        """Whether the user set this input away from its declared default."""
+        return getattr(self, name) != settings_of(GenerationRequest)[name].default
+
     def given_family_inputs(self) -> dict[str, object]:
-        """The family-specific inputs set away from their defaults (images: when any are given)."""
-        defaults = {f.name: f.default for f in fields(self)}
-        given = {name: getattr(self, name) for name in self.VALUE_FAMILY_INPUTS if getattr(self, name) != defaults[name]}
-        if self.images:
-            given["images"] = self.images
+        """The family-specific inputs the user set (away from their defaults; images: when any are given)."""
+        given = {name: getattr(self, name) for name in self.VALUE_FAMILY_INPUTS if self.is_given(name)}
+        if self.images or self.ignored_images:
+            given["images"] = self.images or self.ignored_images
         return given
 
     def describe(self, uses: frozenset[str]) -> dict[str, object]:
         """The request for the report: the common inputs, and the family inputs only where the family uses them."""
-        skipped = {"prompt", "negative_prompt", "images"} | (set(self.VALUE_FAMILY_INPUTS) - uses)
+        skipped = {"prompt", "negative_prompt", "images", "ignored_images"} | (set(self.VALUE_FAMILY_INPUTS) - uses)
         described = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if "images" in uses:
             described["input_images"] = len(self.images)
         return described
 
     def check(self) -> None:
-        """Checks that hold for every family; family-specific ones live in the family module."""
-        if self.steps < 1:
-            raise InvalidInput("steps", f"{self.steps} is not a step count.", "1 or more")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise InvalidInput("seed", f"{self.seed} is out of range.", f"0 to {MAX_SEED}")
-        if self.cfg < 0:
-            raise InvalidInput("cfg", f"{self.cfg} is negative.", "0 or more")
-        if self.batch_size < 1:
-            raise InvalidInput("batch_size", f"{self.batch_size} is not a batch size.", "1 or more")
-        for name in ("width", "height"):
-            if getattr(self, name) < 0:
-                raise InvalidInput(name, f"{getattr(self, name)} is not a size in pixels.", "1 or more (0 = automatic for edit models)")
-        if self.num_frames < 1:
-            raise InvalidInput("num_frames", f"{self.num_frames} is not a frame count.", "1 or more")
+        """Checks that hold for every family (the declared ranges); family-specific ones live in the family
+        module."""
+        check_settings(self)
 
     def cpu_generator(self) -> torch.Generator:
         """Noise comes from a CPU generator, as in ComfyUI, so a seed gives the same picture on any device."""

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import InvalidInput, ModelLoadError
-from .weights_check import safetensors_problem
+from .weights import open_weights
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,6 @@ class ModelSource:
         """Safetensors files of every component, except those in `skip` (replaced from elsewhere)."""
         return sorted(p for p in self.folder.glob("*/*.safetensors") if p.parent.name not in skip)
 
-    def components(self) -> list[str]:
-        """Pipeline components present in the folder (model_index entries that are not [null, null])."""
-        return [name for name in self.model_index if not name.startswith("_") and self.has_component(name)]
-
     def fingerprint(self, skip: list[str] = ()) -> tuple:
         """Changes when any weights file is replaced, so a re-exported folder is loaded afresh."""
         return tuple(
@@ -67,9 +63,19 @@ class ModelSource:
 
     def check_weight_files(self, skip: list[str] = ()) -> None:
         for path in self.weight_files(skip):
-            problem = safetensors_problem(path)
+            problem = open_weights(path).problem
             if problem:
                 raise ModelLoadError(
                     f"model: the weights file {path.relative_to(self.folder)} of '{self.name}' is corrupt: "
                     f"{problem}. Re-download or re-export that file."
                 )
+
+    def empty_component(self, component: str):
+        """The component's module built from its config on the 'meta' device (no memory, no weights)."""
+        import diffusers
+        from accelerate import init_empty_weights
+
+        if not self.has_component(component):
+            raise ModelLoadError(f"{component}_file: '{self.name}' has no {component} to replace.")
+        with init_empty_weights():
+            return getattr(diffusers, self.model_index[component][1]).from_config(self.component_config(component))

@@ -19,74 +19,28 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .devices import DTYPE_BYTES
 from .errors import InvalidInput, ModelLoadError, OmniError
-from .families import ModelFamily
+from .executor import Decoder, Executor, LocalExecutor, checked_decode
+from .load_state import LoadingModel
 from .memory import DeviceMemory, folder_component_bytes, gib, module_bytes
-from .quant import gguf
 from .recipe import OmniPipe, Variant
-from .single_file import load_transformer_file, transformer_file_bytes
+from .single_file import load_transformer_file
 from .spec import LoadSpec
+from .vae import DecodeOptions
+from .weights import open_weights
 
 log = logging.getLogger("omni_accel")
 
 DEFAULT_MAX_PER_DEVICE = int(os.environ.get("OMNI_ACCEL_MAX_PIPELINES", "2"))
 # Headroom kept free beyond the weights estimate when making room (allocator slack, small buffers).
 LOAD_MARGIN = 1.05
-
-
-@dataclass
-class LoadingModel:
-    """A pipeline between loading and being held: what load-time entries prepare."""
-
-    spec: LoadSpec
-    family: ModelFamily
-    pipeline: Any
-    placed: bool = False  # set by an entry that put the pipeline on its devices itself
-    prepared: dict = field(default_factory=dict)  # report section -> facts, repeated in every run's report
-    notes: list[str] = field(default_factory=list)  # repeated in every run's report notes
-    state: dict = field(default_factory=dict)  # live objects load-time entries keep with the pipeline
-
-
-@dataclass
-class LoadedModel:
-    variant: Variant
-    pipeline: Any
-    load_seconds: float
-    load_id: int  # increases with every load in this store: a changed id means the weights were reloaded
-    device_bytes: dict[str, int]
-    prepared: dict = field(default_factory=dict)  # what loading did (report section -> facts)
-    notes: list[str] = field(default_factory=list)
-    state: dict = field(default_factory=dict)  # live objects of load-time entries (e.g. the placement)
-    # Things derived once from these weights and reused by later runs (e.g. the preview colour map).
-    derived: dict = field(default_factory=dict)
-
-    @property
-    def spec(self) -> LoadSpec:
-        return self.variant.spec
-
-    @property
-    def family(self) -> ModelFamily:
-        return self.spec.model_family
-
-    def label(self) -> str:
-        return self.variant.label()
-
-    def healthy(self) -> bool:
-        pool = self.state.get("pool")
-        return pool is None or pool.healthy()
-
-    def close(self) -> None:
-        pool = self.state.get("pool")
-        if pool is not None:
-            pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -99,12 +53,10 @@ class VaeKey:
         return f"{self.spec.name} VAE, {self.spec.dtype}, {self.spec.device}"
 
 
-@dataclass
-class LoadedVae:
-    key: VaeKey
-    vae: torch.nn.Module
-    load_id: int
-    device_bytes: dict[str, int]
+class LoadedVae(Decoder):
+    def __init__(self, key: VaeKey, vae: torch.nn.Module, load_id: int, device_bytes: dict[str, int],
+                 memory: DeviceMemory):
+        self.key, self.vae, self.load_id, self.device_bytes, self.memory = key, vae, load_id, device_bytes, memory
 
     def label(self) -> str:
         return self.key.label()
@@ -114,6 +66,9 @@ class LoadedVae:
 
     def close(self) -> None:
         pass
+
+    def decode(self, samples: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
+        return checked_decode(self.key.spec, self.vae, samples, options, self.memory)
 
 
 @dataclass(frozen=True)
@@ -140,18 +95,16 @@ def empty_device_caches() -> None:
 
 
 class ModelStore:
-    # (sequence shards, row shards, ranks sharing a device) of the activations of this process's runs, when it
-    # is one rank of a parallel layout; None otherwise.
-    activation_shares: tuple[int, int, int] | None = None
-
     def __init__(self, max_per_device: int = DEFAULT_MAX_PER_DEVICE, memory: DeviceMemory | None = None) -> None:
         if max_per_device < 1:
             raise ValueError("max_per_device must be at least 1")
         self.max_per_device = max_per_device
         self.memory = memory or DeviceMemory()
-        self._held: OrderedDict[Variant | VaeKey, LoadedModel | LoadedVae] = OrderedDict()
+        self._held: OrderedDict[Variant | VaeKey, Executor | LoadedVae] = OrderedDict()
         self._lock = threading.RLock()
         self._loads = 0
+        self._snapshot: tuple[dict, ...] = ()
+        self._loading: str | None = None  # the label of what is being loaded now
         self._releases: deque[Release] = deque(maxlen=100)
         # Called with (bytes needed, device) before a load, so a host (ComfyUI) can free its own models.
         self.before_load: Callable[[int, str], None] | None = None
@@ -162,7 +115,7 @@ class ModelStore:
         float_bytes = DTYPE_BYTES[spec.dtype]
         components = folder_component_bytes(spec.source, float_bytes, skip=spec.replaced_components)
         for attr, path in spec.transformer_files:
-            components[attr] = transformer_file_bytes(path, float_bytes)
+            components[attr] = open_weights(path).loaded_bytes(float_bytes)
         for entry in variant.entries:
             components = entry.component_bytes(spec, components)
         return components
@@ -170,6 +123,8 @@ class ModelStore:
     def device_bytes(self, variant: Variant) -> dict[str, int]:
         """Bytes the variant's weights take at peak on each device it uses (an estimate, before loading)."""
         components = self.component_bytes(variant)
+        if variant.layout is not None:
+            return variant.layout.device_bytes(variant.spec, components)
         for entry in variant.entries:
             placement = entry.device_bytes(variant.spec, components)
             if placement is not None:
@@ -178,44 +133,62 @@ class ModelStore:
 
     def room(self, variant: Variant, device: str) -> int:
         """Bytes a run of `variant` can have on `device` for its activations: free memory, plus this store's
-        other pipelines there (they would be released), minus the variant's weights if not yet loaded."""
+        other pipelines there (they would be released), minus the variant's weights if not yet loaded. Weights
+        that cannot fit at all are refused here, before any work, as the load would refuse them."""
         with self._lock:
             held = self._held.get(variant)
             others = sum(h.device_bytes.get(device, 0) for key, h in self._held.items() if key != variant)
-            weights = 0 if held is not None else self.device_bytes(variant).get(device, 0)
-        return self.memory.free(device) + others - weights
+            need = {} if held is not None else self.device_bytes(variant)
+        available = self.memory.free(device) + others
+        weights = need.get(device, 0)
+        if weights > available:
+            raise self._too_large(variant.label(), device, weights, available,
+                                  variant.layout.weights_detail(need) if variant.layout else "")
+        return available - weights
+
+    @staticmethod
+    def _too_large(label: str, device: str, nbytes: int, free: int, detail: str) -> InvalidInput:
+        return InvalidInput(
+            "model",
+            f"{label} needs about {gib(nbytes)} of weights on {device}{detail}, but only {gib(free)} is free there "
+            "even after releasing every other model.",
+            "a smaller dtype, FP8 Quantize or a GGUF transformer file, Layerwise Offload, fewer ranks, or another "
+            "device",
+        )
 
     # --- pipelines ----------------------------------------------------------------------------------
-    def get(self, item: Variant | OmniPipe | LoadSpec) -> tuple[LoadedModel, bool]:
-        """Returns the loaded variant and whether this call had to load it."""
+    def get(self, item: Variant | OmniPipe | LoadSpec) -> tuple[Executor, bool]:
+        """Returns the executor of the variant and whether this call had to load (or start) it."""
         variant = Variant.of(item)
         with self._lock:
-            # Worker pools hold processes and device memory: only the stack being run keeps its pool.
-            for key in [k for k, h in self._held.items() if "pool" in getattr(h, "state", {}) and k != variant]:
+            # Worker pools hold processes and devices: only the stack being run keeps its pool.
+            for key in [k for k in self._held if isinstance(k, Variant) and k.layout is not None and k != variant]:
                 self._drop(key, "the stack changed: its worker pool was stopped")
-            loaded = self._held.get(variant)
-            if loaded is not None and loaded.healthy():
+            held = self._held.get(variant)
+            if held is not None and held.healthy():
                 self._held.move_to_end(variant)
-                return loaded, False
-            if loaded is not None:
+                return held, False
+            if held is not None:
                 self._drop(variant, "its worker pool stopped (a worker died, hung or failed)")
             # Stale entries for the same model (weights re-exported since) are dropped first.
             for key in [k for k in self._held if k.spec.same_model(variant.spec) and k.spec != variant.spec]:
                 self._drop(key, "its weights changed on disk")
-            loaded = self._load(variant)
+            self._loading = variant.label()
+            try:
+                executor = self._start(variant) if variant.layout is not None else self._load(variant)
+            finally:
+                self._loading = None
             # A VAE loaded alone for this model is redundant now.
             vae_key = VaeKey(variant.spec)
             if vae_key in self._held:
-                self._drop(vae_key, f"{loaded.label()} brought its own VAE")
-            self._held[variant] = loaded
-            return loaded, True
+                self._drop(vae_key, f"{executor.label()} brought its own VAE")
+            self._held[variant] = executor
+            self._publish()
+            return executor, True
 
-    def _load(self, variant: Variant) -> LoadedModel:
+    def _load(self, variant: Variant) -> LocalExecutor:
         spec = variant.spec
         spec.check_files()
-        remote = next((e for e in variant.entries if getattr(e, "runs_elsewhere", False)), None)
-        if remote is not None:
-            return self._start_elsewhere(variant, remote)
         need = self.device_bytes(variant)
         self._make_room(variant.label(), need)
         start = time.perf_counter()
@@ -228,7 +201,8 @@ class ModelStore:
             }
             loading = LoadingModel(spec, family, family.load(spec.source, spec.torch_dtype, **components))
             del components
-            gguf_files = {attr: gguf.summary(path) for attr, path in spec.transformer_files if gguf.is_gguf(path)}
+            gguf_files = {attr: open_weights(path).summary() for attr, path in spec.transformer_files
+                          if open_weights(path).format == "gguf"}
             if gguf_files:
                 denoisers = family.denoisers(loading.pipeline).values()
                 loading.prepared["quantization"] = {
@@ -245,39 +219,36 @@ class ModelStore:
         seconds = time.perf_counter() - start
         self._loads += 1
         log.info("Omni Accel: loaded %s in %.1f s", variant.label(), seconds)
-        return LoadedModel(variant=variant, pipeline=loading.pipeline, load_seconds=seconds, load_id=self._loads,
-                           device_bytes=need, prepared=loading.prepared, notes=loading.notes, state=loading.state)
+        return LocalExecutor(variant, loading.pipeline, self._loads, seconds, need, self.memory,
+                             loading.prepared, loading.notes, loading.state)
 
-    def _start_elsewhere(self, variant: Variant, entry) -> LoadedModel:
+    def _start(self, variant: Variant) -> Executor:
         """A variant that runs in other processes (a parallel layout): this process holds only its handle.
         One pool at a time: the devices of an earlier one go to the new layout."""
+        variant.spec.check_files()
+        need = self.device_bytes(variant)
+        self._make_room(variant.label(), need, detail=variant.layout.weights_detail(need))
         start = time.perf_counter()
-        pool = entry.start(variant)
+        executor = variant.layout.start(variant)
         self._loads += 1
-        return LoadedModel(variant=variant, pipeline=None, load_seconds=time.perf_counter() - start,
-                           load_id=self._loads, device_bytes={}, state={"pool": pool})
+        executor.load_id, executor.load_seconds = self._loads, time.perf_counter() - start
+        executor.device_bytes = need
+        return executor
 
-    @contextmanager
-    def vae(self, item: Variant | OmniPipe | LoadSpec) -> Iterator[torch.nn.Module]:
-        """The VAE of the pipe's model: from a held pipeline of that model if there is one, else loaded alone
-        (the text encoder and transformer are not brought back just to decode)."""
+    def decoder(self, item: Variant | OmniPipe | LoadSpec) -> Decoder:
+        """What decodes the pipe's latents: its held executor (a pool's rank 0 holds the VAE), else a held
+        pipeline of the same model, else its VAE loaded alone (the text encoder and transformer are not brought
+        back just to decode)."""
         variant = Variant.of(item)
         with self._lock:
             held = self._held.get(variant)
-            if held is None or held.pipeline is None:
+            if held is None or not held.healthy():
                 held = next((h for k, h in self._held.items()
-                             if isinstance(h, LoadedModel) and k.spec == variant.spec and h.pipeline is not None), None)
+                             if isinstance(h, LocalExecutor) and k.spec == variant.spec), None)
             if held is not None:
                 self._held.move_to_end(held.variant)
-                vae = held.pipeline.vae
-            else:
-                vae = self._vae_alone(VaeKey(variant.spec)).vae
-        placement = held.state.get("placement") if held is not None else None
-        try:
-            yield vae
-        finally:
-            if placement is not None:
-                placement.idle()  # a placement that keeps the VAE off the device between uses
+                return held
+            return self._vae_alone(VaeKey(variant.spec))
 
     def _vae_alone(self, key: VaeKey) -> LoadedVae:
         loaded = self._held.get(key)
@@ -294,8 +265,9 @@ class ModelStore:
             self._fail_load(key.label(), spec, need, exc)
         self._loads += 1
         log.info("Omni Accel: loaded %s (the VAE alone, to decode)", key.label())
-        loaded = LoadedVae(key, vae, self._loads, need)
+        loaded = LoadedVae(key, vae, self._loads, need, self.memory)
         self._held[key] = loaded
+        self._publish()
         return loaded
 
     # --- making room and releasing ------------------------------------------------------------------
@@ -303,7 +275,7 @@ class ModelStore:
         return [key for key, held in self._held.items() if held.device_bytes.get(device, 0) > 0 or
                 key.spec.device == device]
 
-    def _make_room(self, label: str, need: dict[str, int]) -> None:
+    def _make_room(self, label: str, need: dict[str, int], detail: str = "") -> None:
         for device, nbytes in need.items():
             while len(self._on_device(device)) >= self.max_per_device:
                 self._drop(self._on_device(device)[0],
@@ -316,12 +288,7 @@ class ModelStore:
                 self.before_load(nbytes, device)
             free = self.memory.free(device)
             if free < nbytes:
-                raise InvalidInput(
-                    "model",
-                    f"{label} needs about {gib(nbytes)} of weights on {device}, but only {gib(free)} is free there "
-                    "even after releasing every other model.",
-                    "a smaller dtype, FP8 Quantize or a GGUF transformer file, Layerwise Offload, or another device",
-                )
+                raise self._too_large(label, device, nbytes, free, detail)
 
     def _fail_load(self, label: str, spec: LoadSpec, need: dict[str, int], exc: BaseException) -> None:
         """Cleans up after a failed load and raises what the caller should see."""
@@ -339,6 +306,7 @@ class ModelStore:
 
     def _drop(self, key, reason: str) -> None:
         held = self._held.pop(key)
+        self._publish()
         held.close()
         for device in held.device_bytes or {key.spec.device: 0}:
             self._releases.append(Release(held.label(), device, reason))
@@ -367,15 +335,35 @@ class ModelStore:
 
     # --- what is held ----------------------------------------------------------------------------------
     def held(self) -> list[dict]:
-        with self._lock:
-            return [{"what": h.label(), "kind": "vae" if isinstance(h, LoadedVae) else "pipeline",
-                     "device": k.spec.device, "bytes": h.device_bytes, "load_id": h.load_id}
-                    for k, h in self._held.items()]
+        """What is held, as of the last change; never waits for a load in progress."""
+        return list(self._snapshot)
 
-    def peek(self, item: Variant | OmniPipe | LoadSpec) -> LoadedModel | None:
-        """The held variant, if it is held (never loads)."""
-        with self._lock:
-            return self._held.get(Variant.of(item))
+    def status(self) -> dict:
+        """For a status route: what is held, the loads so far, and what is being loaded now (never waits)."""
+        return {"held": self.held(), "loads": self._loads, "loading": self._loading,
+                "max_pipelines_per_device": self.max_per_device}
+
+    def _publish(self) -> None:
+        """Called under the lock after every change of what is held."""
+        self._snapshot = tuple({"what": h.label(), "kind": "vae" if isinstance(h, LoadedVae) else "pipeline",
+                                "device": k.spec.device, "bytes": h.device_bytes, "load_id": h.load_id}
+                               for k, h in self._held.items())
+
+    def shutdown(self, reason: str) -> None:
+        """Stops every executor's processes at once, without waiting for a load in progress (at exit: the
+        process is going away, so nothing needs the lock's order any more)."""
+        held = []
+        for _ in range(3):
+            try:
+                held = list(self._held.values())
+                break
+            except RuntimeError:  # changed while copied
+                continue
+        for item in held:
+            try:
+                item.close()
+            except Exception:
+                log.exception("Omni Accel: stopping %s (%s) failed", item.label(), reason)
 
     def loaded_variants(self) -> list:
         with self._lock:
@@ -392,13 +380,13 @@ class ModelStore:
     def loads(self) -> int:
         return self._loads
 
-    def adopt(self, variant: Variant | LoadSpec, pipeline: Any) -> LoadedModel:
+    def adopt(self, variant: Variant | LoadSpec, pipeline: Any) -> LocalExecutor:
         """Hold a pipeline built in memory (benchmarks of random full-size weights, which would take tens of
         GB to write to disk and read back)."""
         variant = Variant.of(variant)
         with self._lock:
             self._loads += 1
-            loaded = LoadedModel(variant=variant, pipeline=pipeline, load_seconds=0.0, load_id=self._loads,
-                                 device_bytes={variant.spec.device: 0})
-            self._held[variant] = loaded
-            return loaded
+            executor = LocalExecutor(variant, pipeline, self._loads, 0.0, {variant.spec.device: 0}, self.memory)
+            self._held[variant] = executor
+            self._publish()
+            return executor

@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .devices import DTYPE_BYTES
 from .errors import InvalidInput
 from .families import ModelFamily
-from .memory import gib
-from .recipe import OmniPipe
-from .store import ModelStore
+from .settings import check_settings, setting
 
 _STRIDE_STYLE = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_stride_height", "tile_sample_stride_width")
 _FACTOR_STYLE = ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
@@ -27,10 +24,19 @@ _FACTOR_STYLE = ("tile_sample_min_size", "tile_latent_min_size", "tile_overlap_f
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    tiling: bool = True
-    tile_size: int = 256  # pixels
-    tile_overlap: int = 64  # pixels
-    slicing: bool = False
+    tiling: bool = setting(
+        bool, True, "Decode in overlapping spatial tiles to cap VAE memory. Images no larger than one tile are "
+        "decoded whole.")
+    tile_size: int = setting(
+        int, 256, "Tile edge in output pixels; a multiple of the VAE's downscale factor (8 for full-size models).",
+        min=32, max=4096, step=8)
+    tile_overlap: int = setting(
+        int, 64, "Pixels shared by neighbouring tiles and blended; larger hides seams better, costs more.", min=0,
+        max=4000, step=8)
+    slicing: bool = setting(bool, False, "Decode batch items one at a time; same pixels, lower peak memory.")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def spatial_compression(vae) -> int:
@@ -95,10 +101,20 @@ def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptio
     return family.vae_output_to_images(decoded)
 
 
-def decode_floor_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_bytes: int) -> int:
-    """The least memory a decode needs on the VAE's device: the decoded pixels, plus the decoder's last
-    feature map at full resolution for the rows (and the tile) decoded at once. A floor, never an estimate
-    of the whole: refusing above it is never wrong."""
+# What a decode holds at its peak, measured with bench/vae_memory.py on the released Qwen-Image and Wan VAE
+# architectures (results in bench/results/vae_memory.json): about 20 feature maps of the decoder's
+# full-resolution stage at once (a 1024x1024 decode: 2872 MB = 21 maps of 1024 x 1024 x 32 floats), over
+# the frames decoded together (video VAEs decode a latent frame, 4 output frames, at a time and keep the
+# last 2 frames of each causal convolution's input), plus the decoded pixels and their converted copies.
+_FULL_RESOLUTION_MAPS = 20
+_VIDEO_FRAMES_AT_ONCE = 4 + 2
+_PIXEL_COPIES = 3  # the decoder's output, its [0, 1] rescale, the clamped IMAGE
+_TILED_PIXEL_COPIES = 4  # and the decoded tiles kept for blending
+
+
+def decode_peak_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_bytes: int) -> int:
+    """An estimate of the memory a decode needs at its peak on the VAE's device (within 2x of the measured
+    peak on the benchmark's cases; tests/unit/test_vae.py checks it against a measurement)."""
     ratio = spatial_compression(vae)
     batch, height, width = samples.shape[0], samples.shape[-2] * ratio, samples.shape[-1] * ratio
     frames = 1
@@ -108,23 +124,8 @@ def decode_floor_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float
     channels = config.get("base_dim") or config["block_out_channels"][0]
     area = min(height * width, options.tile_size**2) if options.tiling else height * width
     rows = 1 if options.slicing else batch
-    return batch * frames * height * width * 3 * float_bytes + rows * area * channels * float_bytes
-
-
-def decode_latent(pipe: OmniPipe, samples: torch.Tensor, options: DecodeOptions, store: ModelStore) -> torch.Tensor:
-    """The VAE Tiled Decode node's work: check the memory floor, get the VAE (alone if the pipeline is not
-    held), decode."""
-    spec = pipe.spec
-    held = store.peek(pipe)
-    if held is not None and "pool" in held.state and held.healthy():
-        return held.state["pool"].decode(samples, options)  # rank 0 holds the VAE; this process holds none
-    with store.vae(pipe) as vae:
-        floor = decode_floor_bytes(vae, samples, options, DTYPE_BYTES[spec.dtype])
-        free = store.memory.free(spec.device)
-        if floor > free:
-            raise InvalidInput(
-                "latent", f"decoding {tuple(samples.shape)} needs at least {gib(floor)} on {spec.device} (the decoded "
-                f"pixels and the decoder's full-resolution features), but only {gib(free)} is free there.",
-                "tiling on with a smaller tile_size, slicing on, or a smaller latent",
-            )
-        return decode(spec.model_family, vae, samples, options)
+    at_once = 1 if frames == 1 else min(frames, _VIDEO_FRAMES_AT_ONCE)
+    features = _FULL_RESOLUTION_MAPS * rows * at_once * area * channels * float_bytes
+    copies = _TILED_PIXEL_COPIES if options.tiling else _PIXEL_COPIES
+    pixels = batch * frames * height * width * 3 * max(float_bytes, 4)
+    return features + copies * pixels

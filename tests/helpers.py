@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "example_workflows"
+WORKFLOWS = ROOT / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
 
 

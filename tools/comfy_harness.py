@@ -59,7 +59,7 @@ def prepare_base_dir(base: Path) -> Path:
     link = base / "custom_nodes" / PACK_NAME
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
-    for image in (ROOT / "example_workflows" / "inputs").glob("*.png"):  # what the shipped workflows' LoadImage nodes read
+    for image in (ROOT / "workflows" / "inputs").glob("*.png"):  # what the shipped workflows' LoadImage nodes read
         shutil.copy(image, base / "input" / image.name)
     return base
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
 
-WORKFLOW = ROOT / "example_workflows" / "api" / "qwen_image.json"
+WORKFLOW = ROOT / "workflows" / "api" / "qwen_image.json"
 OUT = ROOT / "out" / "demo"
 PORT = 8188
 

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 
-QK_K = 256
 
 
 def quantize_q4_k(values: np.ndarray) -> np.ndarray:

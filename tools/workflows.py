@@ -1,10 +1,10 @@
 """Rebuilds the shipped workflows with ComfyUI's own editor, and their thumbnails by running them.
 
-The API files in example_workflows/api/ are the recipes as authored. For each one, the real editor (headless
+The API files in workflows/api/ are the recipes as authored. For each one, the real editor (headless
 Chromium on a real server) loads it, and what it writes back is shipped:
-  - example_workflows/<name>.json      the UI workflow, as the editor serializes it (app.graph.serialize),
-  - example_workflows/api/<name>.json  the API twin, as the editor converts the UI file (app.graphToPrompt),
-  - example_workflows/<name>.jpg       the thumbnail ComfyUI's template browser shows: the workflow's own
+  - workflows/<name>.json      the UI workflow, as the editor serializes it (app.graph.serialize),
+  - workflows/api/<name>.json  the API twin, as the editor converts the UI file (app.graphToPrompt),
+  - workflows/<name>.jpg       the thumbnail ComfyUI's template browser shows: the workflow's own
                                        output on the small models, produced by running it,
   - docs/images/                       the README's pictures (the stack in the editor, outputs side by side).
 
@@ -29,7 +29,7 @@ from tools.comfy_harness import ROOT, ComfyServer  # noqa: E402
 from tools.editor import browser, editor  # noqa: E402
 from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 
-WORKFLOWS = ROOT / "example_workflows"
+WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api"
 IMAGES = ROOT / "docs" / "images"
 THUMBNAIL_SIZE = 256

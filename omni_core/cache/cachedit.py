@@ -17,12 +17,12 @@ from typing import ClassVar
 from ..errors import IncompatibleStack, InvalidInput
 from ..families import FAMILIES
 from ..recipe import Accelerator
+from ..settings import setting
 
 log = logging.getLogger("omni_accel")
 
 SCM_POLICIES = ("none", "slow", "medium", "fast", "ultra")
 SCM_STEP_POLICIES = ("dynamic", "static")
-TAYLORSEER_ORDERS = range(1, 5)
 
 
 @contextmanager
@@ -62,37 +62,33 @@ class CacheDiT(Accelerator):
     exclusive_group: ClassVar[str] = "cache"
 
     # The seed's keys, with vLLM-Omni's defaults.
-    Fn_compute_blocks: int = 1
-    Bn_compute_blocks: int = 0
-    max_warmup_steps: int = 4
-    residual_diff_threshold: float = 0.24
-    max_continuous_cached_steps: int = 3
-    max_cached_steps: int = -1
-    enable_taylorseer: bool = False
-    taylorseer_order: int = 1
-    scm_steps_mask_policy: str = "none"
-    scm_steps_policy: str = "dynamic"
-
-    def __post_init__(self):
-        if self.Fn_compute_blocks < 1:
-            raise InvalidInput("Fn_compute_blocks", f"{self.Fn_compute_blocks}: cache-dit needs at least one first block "
-                               "to compare residuals.", "1 or more")
-        if self.Bn_compute_blocks < 0:
-            raise InvalidInput("Bn_compute_blocks", f"{self.Bn_compute_blocks} is negative.", "0 or more")
-        if self.max_warmup_steps < 0:
-            raise InvalidInput("max_warmup_steps", f"{self.max_warmup_steps} is negative.", "0 or more")
-        if self.residual_diff_threshold < 0:
-            raise InvalidInput("residual_diff_threshold", f"{self.residual_diff_threshold} is negative.",
-                               "0 (never cache) or more; vLLM-Omni uses 0.24")
-        for name in ("max_continuous_cached_steps", "max_cached_steps"):
-            if getattr(self, name) < -1:
-                raise InvalidInput(name, f"{getattr(self, name)} is not a bound.", "-1 (no bound) or 0 and up")
-        if self.taylorseer_order not in TAYLORSEER_ORDERS:
-            raise InvalidInput("taylorseer_order", f"{self.taylorseer_order} is not supported.", "1, 2, 3 or 4")
-        if self.scm_steps_mask_policy not in SCM_POLICIES:
-            raise InvalidInput("scm_steps_mask_policy", f"'{self.scm_steps_mask_policy}' is not a policy.", SCM_POLICIES)
-        if self.scm_steps_policy not in SCM_STEP_POLICIES:
-            raise InvalidInput("scm_steps_policy", f"'{self.scm_steps_policy}' is not a policy.", SCM_STEP_POLICIES)
+    Fn_compute_blocks: int = setting(
+        int, 1, "First blocks that always compute; their residual decides whether to cache. More = safer, slower.",
+        min=1, max=128, valid="1 or more (cache-dit compares the first blocks' residuals)")
+    Bn_compute_blocks: int = setting(
+        int, 0, "Last blocks that always compute, to correct the cached middle. Fn + Bn must stay below the "
+        "model's block count.", min=0, max=128)
+    max_warmup_steps: int = setting(
+        int, 4, "Steps at the start that always compute (the composition forms there).", min=0, max=1000)
+    residual_diff_threshold: float = setting(
+        float, 0.24, "Cache when the first blocks' residual changed less than this (relative) since the last "
+        "computed step. Higher = faster, lossier; 0 = never cache.", min=0.0, max=10.0, step=0.01,
+        valid="0 (never cache) to 10; vLLM-Omni uses 0.24")
+    max_continuous_cached_steps: int = setting(
+        int, 3, "At most this many cached steps in a row; -1 = no bound.", min=-1, max=1000)
+    max_cached_steps: int = setting(int, -1, "At most this many cached steps per run; -1 = no bound.", min=-1,
+                                    max=10000)
+    enable_taylorseer: bool = setting(
+        bool, False, "TaylorSeer: on cached steps, forecast the residual with a Taylor expansion of recent steps "
+        "instead of reusing the last one.")
+    taylorseer_order: int = setting(
+        int, 1, "Order of the Taylor expansion (1 or 2 recommended); used only with enable_taylorseer.", min=1, max=4)
+    scm_steps_mask_policy: str = setting(
+        str, "none", "SCM (step computation mask): a preset pattern of compute/cache steps, slow (safest) to ultra "
+        "(fastest). Needs 4, 6 or 8+ steps.", choices=SCM_POLICIES)
+    scm_steps_policy: str = setting(
+        str, "dynamic", "dynamic: masked steps are cached only if the residual check also allows it; static: masked "
+        "steps are always cached.", choices=SCM_STEP_POLICIES)
 
     @property
     def scm(self) -> str | None:
@@ -123,6 +119,9 @@ class CacheDiT(Accelerator):
                 f"SCM '{self.scm}' cannot build a step mask for {request.steps} steps.",
                 f"steps = {', '.join(map(str, works[:-1]))} or {works[-1]} and up, or scm_steps_mask_policy none",
             )
+
+    def decisions(self, section: dict):
+        return section.get("denoisers")
 
     # --- the run ---------------------------------------------------------------------------------------
     def cache_config(self, steps: int, separate_cfg: bool):
@@ -158,7 +157,7 @@ class CacheDiT(Accelerator):
                                        f"build a mask for {count}.", "other steps, or scm_steps_mask_policy none")
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order) if self.enable_taylorseer else None
         denoisers = {name: module for name, module in run.denoisers().items() if steps.get(name)}
-        if run.loaded.state.get("cache_dit_enabled"):
+        if run.rank.cache_dit_set_up_at_load:
             # A rank of a sequence-parallel layout: cache-dit set its cache up with the split when the model
             # loaded; this run gives it its settings.
             with quiet_cache_dit():

@@ -29,6 +29,7 @@ from ..errors import IncompatibleStack, InvalidInput
 from ..families import FAMILIES
 from ..families.facts import Coefficients, StepSignal
 from ..recipe import Accelerator
+from ..settings import setting
 from .support import CallPositions
 
 log = logging.getLogger("omni_accel")
@@ -80,30 +81,36 @@ class TeaCache(Accelerator):
     display_name: ClassVar[str] = "TeaCache"
     exclusive_group: ClassVar[str] = "cache"
 
-    rel_l1_thresh: float = 0.2
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    coefficients: tuple[float, ...] | None = None  # None: the family's table
-    max_consecutive_skips: int = -1  # -1: no bound
+    rel_l1_thresh: float = setting(
+        float, 0.2, "How much accumulated (rescaled) input change is tolerated before the blocks run again. "
+        "0.1-0.2: minimal quality loss (~1.5x); 0.4: slight loss (~1.8x); 0.6-0.8: noticeable loss (~2-2.25x). "
+        "0 = never skip (identical output).", min=0.0, max=MAX_THRESHOLD, step=0.01,
+        valid=f"0 to {MAX_THRESHOLD:g} (0.1-0.2 minimal loss, 0.4 slight, 0.6-0.8 noticeable)")
+    start_percent: float = setting(
+        float, 0.0, "Steps before this fraction of the run always compute (protects the composition formed early). "
+        "Wan's published tables expect 0.1 at 50 steps.", min=0.0, max=1.0, step=0.01)
+    end_percent: float = setting(
+        float, 1.0, "Steps from this fraction on always compute (protects the fine detail of the last steps).",
+        min=0.0, max=1.0, step=0.01)
+    coefficients: tuple[float, ...] | None = setting(
+        str, "", "Override the family's rescaling polynomial: comma-separated, highest power first (e.g. from "
+        "python -m omni_core.cache.calibrate). Empty = the family's table.", optional=True, parse=parse_coefficients)
+    max_consecutive_skips: int = setting(
+        int, -1, "At most this many skipped steps in a row per branch; -1 = no bound.", min=-1, max=1000,
+        optional=True)
 
-    def __post_init__(self):
-        if not 0.0 <= self.rel_l1_thresh <= MAX_THRESHOLD:
-            raise InvalidInput("rel_l1_thresh", f"{self.rel_l1_thresh} is out of range.",
-                               f"0 to {MAX_THRESHOLD:g} (0.1-0.2 minimal loss, 0.4 slight, 0.6-0.8 noticeable)")
-        for name in ("start_percent", "end_percent"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InvalidInput(name, f"{getattr(self, name)} is not a fraction of the steps.", "0 to 1")
+    def check_values(self) -> None:
         if self.start_percent >= self.end_percent:
             raise InvalidInput("end_percent", f"the window {self.start_percent}..{self.end_percent} is empty: "
                                "end_percent must be above start_percent.", f"above {self.start_percent}")
-        if self.max_consecutive_skips < -1:
-            raise InvalidInput("max_consecutive_skips", f"{self.max_consecutive_skips} is not a bound.",
-                               "-1 (no bound) or 0 and up")
 
     def check_model(self, spec) -> None:
         if spec.model_family.step_signal is None:
             supported = [f.name for f in FAMILIES if f.step_signal is not None]
             raise IncompatibleStack(f"TeaCache does not support {spec.family} models. Supported: {', '.join(supported)}.")
+
+    def decisions(self, section: dict):
+        return section.get("branches")
 
     def table(self, support: StepSignal, depth: int) -> Coefficients:
         if self.coefficients is not None:

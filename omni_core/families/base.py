@@ -185,13 +185,14 @@ class ModelFamily:
         multiple = self.size_multiple(source)
         return (request.height // multiple) * (request.width // multiple) * self.latent_frames(source, request)
 
+    def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
+        """Every token per batch row of one transformer call that is known before the prompt is encoded: the
+        output's, and what the family adds from its inputs (an edit model's reference images)."""
+        return self.image_tokens(source, request)
+
     # --- latents and decoding -------------------------------------------------------------------
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         """The pipeline's `output_type="latent"` result -> ComfyUI LATENT samples in the VAE's own space."""
-        raise NotImplementedError
-
-    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """Unpacked model-space latents (what the transformer denoises) -> VAE latent space."""
         raise NotImplementedError
 
     def latent_to_vae_input(self, samples: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layouts import FLUX_BFL
+from ..weights.layouts import FLUX_BFL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
@@ -47,12 +47,9 @@ class FluxFamily(ModelFamily):
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         notes = []
-        if not pipeline.transformer.config.guidance_embeds and request.guidance != 3.5:
+        if not pipeline.transformer.config.guidance_embeds and request.is_given("guidance"):
             notes.append("guidance ignored: this Flux model (schnell layout) has no guidance embedding")
         return {"true_cfg_scale": request.cfg, "guidance_scale": request.guidance}, notes
-
-    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        return scaled_shifted_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import diffusers
@@ -36,6 +37,13 @@ _QWEN_STEP_SIGNAL = StepSignal(
 )
 
 
+def _vision_patch(source: ModelSource) -> int:
+    """Pixels a side of one vision token of the edit models' text encoder (patch x merge: 28 for Qwen2.5-VL)."""
+    path = source.folder / "processor" / "processor_config.json"
+    config = json.loads(path.read_text()).get("image_processor", {}) if path.is_file() else {}
+    return int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
+
+
 class QwenImageFamily(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
@@ -55,9 +63,6 @@ class QwenImageFamily(ModelFamily):
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"true_cfg_scale": request.cfg}, []
 
-    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        return mean_std_latent(vae, latents)
-
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
@@ -73,6 +78,11 @@ class QwenImageFamily(ModelFamily):
         return vae.config.z_dim
 
 
+# Edit-Plus adds every reference image's tokens to the sequence (and its vision tokens to the prompt's): the
+# cost grows with each, so their number is bounded (Qwen-Image-Edit-2509 is made for 1 to 3).
+MAX_REFERENCE_IMAGES = 4
+
+
 class QwenImageEditFamily(QwenImageFamily):
     """Edit takes one input image; Edit-Plus takes several (the `image` batch, then image_2, image_3)."""
 
@@ -85,9 +95,32 @@ class QwenImageEditFamily(QwenImageFamily):
     def _is_plus(source: ModelSource) -> bool:
         return source.pipeline_class_name == "QwenImageEditPlusPipeline"
 
+    def _references(self, source: ModelSource, request: GenerationRequest) -> list:
+        return list(request.images) if self._is_plus(source) else list(request.images[:1])
+
+    def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
+        """The output's tokens, each reference image's (the pipeline scales every one to about 1 MP and adds
+        its latent to the sequence), and the vision tokens of the images the text encoder sees (Edit: the
+        same 1 MP image; Edit-Plus: each at about 384x384), which join the prompt's stream."""
+        multiple = self.size_multiple(source)
+        module = pipeline_qwenimage_edit_plus if self._is_plus(source) else pipeline_qwenimage_edit
+        vision_area = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE if self._is_plus(source) else 1024 * 1024
+        patch = _vision_patch(source)
+        tokens = self.image_tokens(source, request)
+        for image in self._references(source, request):
+            width, height = module.calculate_dimensions(1024 * 1024, image.width / image.height)[:2]
+            tokens += (height // multiple) * (width // multiple)
+            width, height = module.calculate_dimensions(vision_area, image.width / image.height)[:2]
+            tokens += max(1, round(height / patch)) * max(1, round(width / patch))
+        return tokens
+
     def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
         if not request.images:
             raise InvalidInput("image", f"{source.pipeline_class_name} edits an input image; connect one (e.g. from Load Image).")
+        if self._is_plus(source) and len(request.images) > MAX_REFERENCE_IMAGES:
+            raise InvalidInput("image", f"{len(request.images)} reference images: each adds about a megapixel of "
+                               "tokens to every step.", f"1 to {MAX_REFERENCE_IMAGES} images in all (image, image_2, image_3 "
+                               "and their batches)")
         if request.width and request.height:
             return request
         # Automatic size: what the pipeline itself picks, ~1 MP at the (last) input image's aspect ratio.

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from ..errors import InvalidInput
-from ..layouts import WAN_ORIGINAL
+from ..weights.layouts import WAN_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, mean_std_latent
@@ -101,9 +101,6 @@ class WanFamily(ModelFamily):
             "guidance_scale_2": request.cfg_2 if two_experts and request.cfg_2 >= 0 else None,
             "num_frames": request.num_frames,
         }, notes
-
-    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        return mean_std_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         return mean_std_latent(pipeline.vae, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents

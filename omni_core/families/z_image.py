@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layouts import Z_IMAGE_ORIGINAL
+from ..weights.layouts import Z_IMAGE_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
@@ -59,9 +59,6 @@ class ZImageFamily(ModelFamily):
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"guidance_scale": request.cfg - 1 if request.cfg > 1 else 0.0}, []
-
-    def model_to_vae_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        return scaled_shifted_latent(vae, latents)
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         return scaled_shifted_latent(pipeline.vae, output.to(pipeline.vae.dtype))

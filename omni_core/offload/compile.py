@@ -13,7 +13,6 @@ report says why.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,13 +102,13 @@ class RegionalCompile(Accelerator):
                 block.forward = CompiledForward(block.forward, state)
                 name = type(block).__name__
                 state.compiled[name] = state.compiled.get(name, 0) + 1
-        loading.state[self.kind] = state
+        loading.state.compiled = state
 
     @contextmanager
     def applied(self, run) -> Iterator[None]:
         from torch._dynamo.utils import counters
 
-        state = run.loaded.state[self.kind]
+        state = run.state.compiled
         graphs_before = counters["stats"]["unique_graphs"]
         seconds_before = _compile_seconds()
         try:

@@ -24,7 +24,7 @@ import torch
 from ..block_hooks import PLACEMENT, add_handler
 from ..errors import InvalidInput
 from ..recipe import Accelerator
-from ..single_file import empty_component
+from ..settings import setting
 from .streamer import WeightStreamer, can_pin
 
 MODES = ("layerwise", "model")
@@ -89,7 +89,6 @@ class Placement:
 class LayerwisePlacement(Placement):
     def __init__(self, pipeline, family, device: str, lookahead: int, prefetch: bool, pin: bool):
         super().__init__()
-        self.hooks = []
         for denoiser in family.denoisers(pipeline).values():
             blocks = family.transformer_blocks(denoiser)
             streamer = WeightStreamer(blocks, device, pin, use_stream=prefetch)
@@ -138,16 +137,18 @@ class LayerwiseOffload(Accelerator):
     load_time: ClassVar[bool] = True
     load_order: ClassVar[int] = 20
 
-    mode: str = "layerwise"
-    blocks_on_device: int = 1
-    prefetch: bool = True
-    pin_memory: bool = True
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InvalidInput("mode", f"'{self.mode}' is not an offload mode.", MODES)
-        if self.blocks_on_device < 1:
-            raise InvalidInput("blocks_on_device", f"{self.blocks_on_device} blocks cannot run anything.", "1 or more")
+    mode: str = setting(
+        str, "layerwise", "layerwise: stream the DiT's blocks (least memory; nearly free when a block's compute "
+        "outlasts its copy, as for large video models). model: whole components take turns on the device (less "
+        "saving, fewer copies).", choices=MODES)
+    blocks_on_device: int = setting(
+        int, 1, "layerwise: blocks resident on the device at once (one more while the next is prefetched). More = "
+        "fewer stalls, more memory.", min=1, max=256)
+    prefetch: bool = setting(
+        bool, True, "layerwise: copy the next block on a separate CUDA stream while the current one computes.")
+    pin_memory: bool = setting(
+        bool, True, "Keep the offloaded weights in pinned (page-locked) CPU memory: faster, asynchronous copies; "
+        "uses RAM that the system cannot swap. Needs CUDA.")
 
     @property
     def lookahead(self) -> int:
@@ -171,7 +172,7 @@ class LayerwiseOffload(Accelerator):
             if name not in family.denoiser_attrs:
                 on_device += nbytes
                 continue
-            model = empty_component(spec.source, name)
+            model = spec.source.empty_component(name)
             sizes = [sum(p.numel() for p in b.parameters()) for b in family.transformer_blocks(model)]
             total = sum(p.numel() for p in model.parameters())
             block_bytes = nbytes * sum(sizes) / total
@@ -188,7 +189,7 @@ class LayerwiseOffload(Accelerator):
                                            self.prefetch, pin)
         else:
             placement = ModelPlacement(loading.pipeline, loading.family, loading.spec.device, pin)
-        loading.state["placement"] = placement
+        loading.state.placement = placement
         loading.placed = True
         units = sum(len(s.units) for s in placement.streamers)
         loading.prepared[self.kind] = {
@@ -205,7 +206,7 @@ class LayerwiseOffload(Accelerator):
     # --- each run -----------------------------------------------------------------------------------
     @contextmanager
     def applied(self, run) -> Iterator[None]:
-        placement = run.loaded.state["placement"]
+        placement = run.state.placement
         placement.log = MoveLog()
 
         def step_done(step: int) -> None:

@@ -114,13 +114,5 @@ class WeightStreamer:
             self._drop(index)
 
     # --- giving the weights back ------------------------------------------------------------------
-    def restore(self) -> None:
-        """Every tensor back to its master copy (plain CPU placement), streaming off."""
-        self._events.clear()
-        for tensors, masters in zip(self._tensors, self._masters):
-            for (_, _, tensor), master in zip(tensors, masters):
-                tensor.data = master
-        self.resident.clear()
-
     def is_resident(self, index: int) -> bool:
         return index in self.resident

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import IncompatibleStack, InvalidInput
-from ..recipe import Accelerator
+from ..memory import ActivationShares
+from ..recipe import ExecutionLayout
+from ..settings import setting
+from .ray_cluster import check_address
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -39,48 +41,31 @@ def parse_devices(text: str) -> tuple[int, ...]:
     return devices
 
 
-def ray_problem(address: str) -> str | None:
-    """Why the Ray cluster at `address` cannot be used, or None."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return "Ray is not installed in ComfyUI's Python: pip install 'ray[default]' (or the pack's [ray] extra)"
-    host, _, port = address.rpartition(":")
-    host = host or address
-    try:
-        with socket.create_connection((host, int(port or 6379)), timeout=2):
-            return None
-    except (OSError, ValueError) as exc:
-        return f"nothing answers at {address} ({exc.__class__.__name__}): start it with `ray start --head`"
-
-
 @dataclass(frozen=True)
-class ParallelConfig(Accelerator):
+class ParallelConfig(ExecutionLayout):
     kind: ClassVar[str] = "parallel"
     display_name: ClassVar[str] = "Parallel Config"
     exclusive_group: ClassVar[str] = "parallel"
-    load_time: ClassVar[bool] = True
-    load_order: ClassVar[int] = 90
-    runs_elsewhere: ClassVar[bool] = True  # the store starts a worker pool instead of loading here
 
-    ulysses_degree: int = 1
-    ring_degree: int = 1
-    cfg_parallel_size: int = 1
-    backend: str = "auto"
-    devices: tuple[int, ...] = ()
-    ray_address: str = ""
+    ulysses_degree: int = setting(
+        int, 1, "Ulysses sequence parallelism: ranks that split the tokens (all-to-all over heads). Must divide the "
+        "model's attention heads. Near-linear for long sequences.", min=1, max=64)
+    ring_degree: int = setting(
+        int, 1, "Ring attention: ranks passing key/value blocks around a ring (GPUs only). ulysses_degree x "
+        "ring_degree ranks share the tokens.", min=1, max=64)
+    cfg_parallel_size: int = setting(
+        int, 1, "2: the prompt and the negative prompt on different ranks (~2x for models with CFG on; needs "
+        "cfg > 1).", min=1, max=2, valid="1 or 2 (there are two CFG branches)")
+    backend: str = setting(str, "auto", "Collective backend: auto = nccl on GPUs, gloo on the CPU.", choices=BACKENDS)
+    devices: tuple[int, ...] = setting(
+        str, "", "GPU indices to use, e.g. 0,1,2,3; empty = every visible GPU. Ranks take them in order (CFG branch "
+        "outermost).", parse=parse_devices)
+    ray_address: str = setting(
+        str, "", "Run the ranks as Ray actors on the cluster at this address (e.g. 10.0.0.5:6379); empty = worker "
+        "processes on this machine. Needs the ray package.", parse=str.strip)
     # Set in the variant key when the stack has Cache-DiT and splits the sequence: cache-dit then enables its
     # cache together with the split when the workers load (its hooks must be set up in that order).
     cache_dit_at_load: bool = False
-
-    def __post_init__(self):
-        for name in ("ulysses_degree", "ring_degree"):
-            if getattr(self, name) < 1:
-                raise InvalidInput(name, f"{getattr(self, name)} is not a degree.", "1 or more")
-        if self.cfg_parallel_size not in (1, 2):
-            raise InvalidInput("cfg_parallel_size", f"{self.cfg_parallel_size}: there are two CFG branches.", "1 or 2")
-        if self.backend not in BACKENDS:
-            raise InvalidInput("backend", f"'{self.backend}' is not a backend.", BACKENDS)
 
     @property
     def world_size(self) -> int:
@@ -136,9 +121,7 @@ class ParallelConfig(Accelerator):
             if problem:
                 raise IncompatibleStack(f"Parallel Config: {problem}")
         if self.ray_address:
-            problem = ray_problem(self.ray_address)
-            if problem:
-                raise InvalidInput("ray_address", problem, "an address of a running Ray cluster, or empty")
+            check_address(self.ray_address)
 
     def for_recipe(self, recipe) -> "ParallelConfig":
         from dataclasses import replace
@@ -147,7 +130,7 @@ class ParallelConfig(Accelerator):
         return replace(self, cache_dit_at_load=with_cache_dit)
 
     def check_stack(self, others) -> None:
-        caches = [e.display_name for e in others if getattr(e, "exclusive_group", None) == "cache"]
+        caches = [e.display_name for e in others if e.exclusive_group == "cache"]
         if self.cfg_parallel_size == 2 and caches:
             raise IncompatibleStack(
                 f"Parallel Config: CFG parallel cannot be combined with {caches[0]} yet (each rank sees one branch, "
@@ -159,17 +142,24 @@ class ParallelConfig(Accelerator):
             raise InvalidInput("cfg", f"{request.cfg}: CFG parallel runs the prompt and the negative prompt on two ranks, "
                                "and cfg <= 1 turns CFG off.", "above 1, or cfg_parallel_size 1")
 
-    # --- memory: nothing of the pipeline lives in this process --------------------------------------
+    # --- memory: nothing of the pipeline lives in this process; CPU ranks share its memory ----------------
     def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:
-        return {}
+        """What the ranks take of this machine's memory: on the CPU every rank loads the whole pipeline; GPU
+        ranks hold theirs on their own devices (each checks its own before loading)."""
+        if spec.device.startswith("cuda") or self.ray_address:
+            return {}
+        return {"cpu": self.world_size * sum(components.values())}
 
-    def activation_shares(self, device: str) -> tuple[int, int, int]:
-        """(sequence shards, batch-row shards, ranks sharing one device's memory) for the request floor."""
+    def activation_shares(self, device: str) -> ActivationShares:
         sharing = self.world_size if not device.startswith("cuda") else 1
-        return self.sequence_degree, self.cfg_parallel_size, sharing
+        return ActivationShares(self.sequence_degree, self.cfg_parallel_size, sharing)
 
     # --- load: start the workers --------------------------------------------------------------------
     def start(self, variant):
         from .pool import WorkerPool
 
         return WorkerPool(self, variant).start()
+
+    def weights_detail(self, need: dict[str, int]) -> str:
+        per_rank = need.get("cpu", 0) // self.world_size
+        return f" ({self.world_size} CPU ranks, each loading the whole model: about {per_rank / 2**30:.2f} GiB each)"

@@ -1,83 +1,108 @@
-"""One rank of a worker pool: `python -m omni_core.parallel.worker ADDRESS` (or a Ray actor calling `serve`).
+"""One rank of a worker pool: `python -m omni_core.parallel.worker HOST:PORT RANK` (or a Ray actor calling
+`serve`).
 
-It connects back to the ComfyUI process, joins torch.distributed, loads its variant of the pipeline with
-the rest of the recipe (FP8, offload, compile), splits the sequence and/or the CFG branches as the layout
-says, and serves runs: every rank runs omni_core.generate on the same request; rank 0 sends progress,
-previews and the latent. At every step the ranks agree (one all-reduce) whether Cancel was pressed, so
-they all stop at the same step. The worker exits when the ComfyUI process is gone.
+It connects back to the ComfyUI process (proving it holds the pool's secret), joins torch.distributed,
+loads its variant of the pipeline with the rest of the recipe (FP8, offload, compile), splits the sequence
+and/or the CFG branches as the layout says, and serves runs. Before each run the ranks agree whether any of
+them objects (its own memory check); then every rank runs the same request, rank 0 sending progress,
+previews and the latent. At every step the ranks agree (one all-reduce) whether Cancel was pressed, so they
+all stop at the same step. A reader thread takes the host's messages: when the host is gone (or sends
+anything but authenticated frames) the worker exits at once, also in the middle of loading.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import socket
+import queue
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
-from multiprocessing.connection import Client
 
 import torch
 import torch.distributed as dist
 
-from .wire import recv, send
+from .messages import (
+    Cancel, Cancelled, Decoded, DecodeRequest, Done, Failed, Hello, RankError, Ready, Refused, RunRequest, Setup,
+    Step, Stop,
+)
+from .wire import Channel, WireError
 
 
-class Cancelled(Exception):
-    pass
+class RunCancelled(Exception):
+    """Raised inside a run when the ranks agreed to stop at this step."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-2:]
+    return " | ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)
 
 
-def node_ip() -> str:
-    try:
-        import ray
+class Inbox:
+    """The host's messages, read on a thread of their own so that losing the host is noticed at once."""
 
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.messages: queue.Queue = queue.Queue()
+        self.busy = True  # loading or running: a Stop then means the host has given up on this work
+        threading.Thread(target=self._read, daemon=True).start()
 
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except (EOFError, OSError, WireError):
+                os._exit(0)  # the ComfyUI process is gone (or the link is not trustworthy): stop now
+            if isinstance(message, Stop) and self.busy:
+                os._exit(0)  # stopped while loading or in a run (Cancel while loading, another rank failed)
+            self.messages.put(message)
 
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    def get(self):
+        self.busy = False
+        message = self.messages.get()
+        self.busy = not isinstance(message, (Stop, Cancel))
+        return message
+
+    def cancel_pending(self, run_id: int) -> bool:
+        """Whether the host asked to cancel this run (other messages cannot arrive during a run)."""
+        cancel = False
+        while True:
+            try:
+                message = self.messages.get_nowait()
+            except queue.Empty:
+                return cancel
+            cancel |= isinstance(message, Cancel) and message.run_id == run_id
 
 
 class Rank:
-    def __init__(self, conn, rank: int):
-        self.conn, self.rank = conn, rank
+    def __init__(self, channel: Channel, inbox: Inbox, rank: int):
+        self.channel, self.inbox, self.rank = channel, inbox, rank
         self.cfg_wrappers = []
 
-    def setup(self, setup: dict) -> None:
+    def setup(self, setup: Setup, store=None) -> None:
         from .. import ModelStore, Variant
         from ..block_hooks import pin_chains
+        from ..executor import RankContext
         from .cfg import enable_cfg_parallel
         from .sequence import enable_cache_dit_with_split, enable_sequence_parallel
 
-        layout = setup["layout"]
-        os.environ.update(MASTER_ADDR=setup["master_addr"], MASTER_PORT=str(setup["master_port"]))
-        if setup.get("threads"):
-            torch.set_num_threads(setup["threads"])
-        device = torch.device(setup["devices"][self.rank])
+        layout = setup.layout
+        torch.set_num_threads(setup.threads)
+        device = torch.device(setup.devices[self.rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(setup["backend"], rank=self.rank, world_size=layout.world_size,
-                                timeout=timedelta(seconds=setup["collective_timeout"]))
+        timeout = timedelta(seconds=setup.collective_timeout)
+        if store is None:  # a local pool: a FileStore in the host's private directory, no socket
+            store = dist.FileStore(setup.rendezvous.path, layout.world_size)
+        dist.init_process_group(setup.backend, store=store, rank=self.rank, world_size=layout.world_size,
+                                timeout=timeout)
         start = time.perf_counter()
-        self.spec = setup["spec"]
-        self.entries = setup["entries"]
+        self.layout = layout
+        self.variant = Variant(setup.spec, tuple(setup.entries))
         self.store = ModelStore(max_per_device=1)
-        self.store.activation_shares = layout.activation_shares(str(device))
-        self.loaded, _ = self.store.get(Variant(self.spec, self.entries))
-        family, pipeline = self.loaded.family, self.loaded.pipeline
+        self.executor, _ = self.store.get(self.variant)
+        family, pipeline = self.executor.family, self.executor.pipeline
         mesh = dist.device_mesh.init_device_mesh(device.type, (layout.cfg_parallel_size, layout.ring_degree,
                                                                layout.ulysses_degree),
                                                  mesh_dim_names=("cfg", "ring", "ulysses"))
@@ -90,36 +115,52 @@ class Rank:
                     enable_cache_dit_with_split(denoiser, layout)
                 else:
                     enable_sequence_parallel(denoiser, layout.ulysses_degree, layout.ring_degree, sequence_mesh, device)
-            self.loaded.state["cache_dit_enabled"] = layout.cache_dit_at_load
 
             def reduce_sum(tensor, group=group):
                 dist.all_reduce(tensor, group=group)
                 return tensor
 
-            self.loaded.state["reduce_sum"] = reduce_sum
+            self.executor.rank = RankContext(reduce_sum=reduce_sum, cache_dit_set_up_at_load=layout.cache_dit_at_load)
         if layout.cfg_parallel_size == 2:
             branch = mesh.get_coordinate()[0]
             self.cfg_wrappers = enable_cfg_parallel(pipeline, family, branch, mesh["cfg"].get_group())
-        send(self.conn, ("ready", self.rank, round(time.perf_counter() - start, 3), os.getpid()))
+        self.channel.send(Ready(self.rank, round(time.perf_counter() - start, 3), os.getpid()))
 
-    def run(self, run_entries, request, previews) -> None:
-        from .. import OmniPipe, generate
+    def _agree(self, flag: bool) -> bool:
+        """Whether any rank raised `flag` (every rank gets the same answer)."""
+        value = torch.tensor([1 if flag else 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def objection(self, request) -> RankError | None:
+        """This rank's own check of a run before any work: its activations must fit its device."""
+        from ..runtime import check_activation_room
+
+        try:
+            check_activation_room(self.variant, request, self.store, self.layout.activation_shares(self.variant.spec.device))
+        except Exception as exc:
+            return RankError.of(self.rank, exc)
+        return None
+
+    def run(self, message: RunRequest) -> None:
         from ..probes import block_probe_target
+        from ..report import RunReport
 
+        objection = self.objection(message.request)
+        if self._agree(objection is not None):
+            self.channel.send(Refused(message.run_id, self.rank, objection))
+            return
         for wrapper in self.cfg_wrappers:
             wrapper.reset()
-        pipe = OmniPipe(self.spec, tuple(self.entries) + tuple(run_entries))
 
         def on_step(done: int, total: int, preview) -> None:
             if self.rank == 0:
-                send(self.conn, ("step", done, total, _png(preview) if preview is not None else None))
-            cancel = torch.tensor([1 if self._cancel_pending() else 0])
-            dist.all_reduce(cancel, op=dist.ReduceOp.MAX)
-            if cancel.item():
-                raise Cancelled()
+                self.channel.send(Step(message.run_id, done, total, preview))
+            if self._agree(self.inbox.cancel_pending(message.run_id)):
+                raise RunCancelled()
 
-        family = self.loaded.family
-        queries = [block_probe_target(family.transformer_blocks(d)[0]) for d in family.denoisers(self.loaded.pipeline).values()]
+        family, pipeline = self.executor.family, self.executor.pipeline
+        queries = [block_probe_target(family.transformer_blocks(d)[0]) for d in family.denoisers(pipeline).values()]
         tokens = []
 
         def count_tokens(module, args):  # the tokens this rank's first attention really projects
@@ -127,65 +168,73 @@ class Rank:
                 tokens.append(int(args[0].shape[1]))
 
         handles = [query.register_forward_pre_hook(count_tokens) for query in queries]
+        report = RunReport()
         try:
-            result = generate(pipe, request, self.store, on_step=on_step, previews=previews if self.rank == 0 else False)
-        except Cancelled:
-            send(self.conn, ("cancelled", self.rank))
+            latent = self.executor.generate(message.entries, message.request, report, on_step=on_step,
+                                            previews=message.previews if self.rank == 0 else None)
+        except RunCancelled:
+            self.channel.send(Cancelled(message.run_id, self.rank))
             return
         finally:
             for handle in handles:
                 handle.remove()
-        report = result.report
-        report.counters["tokens_in_first_block"] = tokens[0] if tokens else None
-        parts = {"header": report.header, "counters": report.counters, "stages": report.stages,
-                 "sections": report.sections, "notes": report.notes}
-        send(self.conn, ("done", self.rank, result.latent.cpu() if self.rank == 0 else None, parts))
+        self.channel.send(Done(message.run_id, self.rank, latent.cpu() if self.rank == 0 else None, report.parts(),
+                               tokens[0] if tokens else None))
 
-    def _cancel_pending(self) -> bool:
-        while self.conn.poll():
-            if recv(self.conn)[0] == "cancel":
-                return True
-        return False
-
-    def decode(self, samples, options) -> None:
-        from .. import OmniPipe, decode_latent
-
-        image = decode_latent(OmniPipe(self.spec, tuple(self.entries)), samples, options, self.store)
-        send(self.conn, ("decoded", self.rank, image))
+    def decode(self, message: DecodeRequest) -> None:
+        self.channel.send(Decoded(message.run_id, self.executor.decode(message.samples, message.options)))
 
 
-def serve(address, authkey: bytes, rank: int) -> None:
-    conn = Client(address, authkey=authkey)
-    send(conn, ("hello", rank, node_ip(), free_port(), os.getpid()))
-    worker = Rank(conn, rank)
+def _store_for(rank: int, over_tcp: bool, host: str, world: int):
+    """Rank 0 of a pool whose ranks are on several machines serves the TCPStore, on a port the system picks
+    (reported in its hello), so there is no window between choosing a port and listening on it."""
+    if not (over_tcp and rank == 0):
+        return None
+    return dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600))
+
+
+def serve(address, secret: bytes, rank: int, over_tcp: bool = False, world: int = 1, host: str = "127.0.0.1") -> None:
+    channel = Channel.connect(tuple(address), secret)
+    store = _store_for(rank, over_tcp, host, world)
+    channel.send(Hello(rank, os.getpid(), host, store.port if store is not None else 0))
+    inbox = Inbox(channel)
+    worker = Rank(channel, inbox, rank)
+    setup = inbox.get()
+    try:
+        if not isinstance(setup, Setup):
+            raise WireError(f"expected the setup, got {type(setup).__name__}")
+        if over_tcp and store is None:
+            store = dist.TCPStore(setup.rendezvous.host, setup.rendezvous.port, world, is_master=False,
+                                  timeout=timedelta(seconds=600))
+        worker.setup(setup, store)
+    except Exception as exc:
+        channel.send(Failed(0, rank, RankError.of(rank, exc, _where(exc))))
+        os._exit(1)
     while True:
-        try:
-            message = recv(conn)
-        except (EOFError, OSError):
-            break  # the ComfyUI process is gone
-        kind, payload = message[0], message[1:]
-        if kind == "stop":
+        message = inbox.get()
+        if isinstance(message, Stop):
             break
+        if isinstance(message, Cancel):
+            continue  # a Cancel that arrived after its run ended
         try:
-            if kind == "setup":
-                worker.setup(*payload)
-            elif kind == "run":
-                worker.run(*payload)
-            elif kind == "decode":
-                worker.decode(*payload)
+            if isinstance(message, RunRequest):
+                worker.run(message)
+            elif isinstance(message, DecodeRequest):
+                worker.decode(message)
+            else:
+                raise WireError(f"an unexpected {type(message).__name__}")
         except Exception as exc:
-            send(conn, ("error", rank, exc.__class__.__name__, str(exc), traceback.format_exc()))
-            if kind == "setup":
-                break
+            run_id = message.run_id if isinstance(message, (RunRequest, DecodeRequest)) else 0
+            channel.send(Failed(run_id, rank, RankError.of(rank, exc, _where(exc))))
     if dist.is_initialized():
         dist.destroy_process_group()
-    conn.close()
+    channel.close()
 
 
 def main() -> None:
     address, rank = sys.argv[1], int(sys.argv[2])
     host, _, port = address.rpartition(":")
-    serve((host, int(port)), bytes.fromhex(os.environ["OMNI_ACCEL_POOL_KEY"]), rank)
+    serve((host, int(port)), bytes.fromhex(os.environ.pop("OMNI_ACCEL_POOL_SECRET")), rank)
 
 
 if __name__ == "__main__":

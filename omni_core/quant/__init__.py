@@ -1,1 +1,1 @@
-"""Quantization: FP8 Quantize (a load-time recipe entry) and GGUF transformer files."""
+"""Quantization: FP8 Quantize, a load-time recipe entry (GGUF files, quantized as stored, are weights files: see omni_core.weights)."""

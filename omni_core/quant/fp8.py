@@ -16,9 +16,9 @@ from ..devices import DTYPE_BYTES
 from ..errors import IncompatibleStack, InvalidInput, OmniError
 from ..memory import module_bytes
 from ..recipe import Accelerator
-from ..single_file import empty_component
+from ..settings import setting
+from ..weights import open_weights
 from .fp8_linear import FP8Linear, NonFiniteWeights, can_multiply_in_fp8
-from .gguf import is_gguf
 
 MODES = ("auto", "w8a8", "weight_only")
 SCALES = ("per_tensor", "per_channel")
@@ -120,15 +120,20 @@ class FP8Quantize(Accelerator):
     load_time: ClassVar[bool] = True
     load_order: ClassVar[int] = 10
 
-    mode: str = "auto"
-    ignored_layers: tuple[str, ...] = ()
-    scale: str = "per_tensor"
+    mode: str = setting(
+        str, "auto", "auto: w8a8 where the GPU multiplies FP8 in hardware (CUDA SM 8.9+: Ada, Hopper), weight_only "
+        "elsewhere. w8a8: activations quantized on the fly, FP8 matrix multiply (1.3-1.5x on such GPUs). weight_only: "
+        "FP8 storage, multiplication in the model dtype (any device, the memory saving without the speedup).",
+        choices=MODES)
+    ignored_layers: tuple[str, ...] = setting(
+        str, "", "Comma-separated parts of layer names that keep full precision, on top of the model's own "
+        "(modulation, embeddings, norms, final projection), e.g. add_kv_proj,to_add_out (vLLM-Omni's fused names "
+        "are understood).", parse=parse_ignored_layers)
+    scale: str = setting(
+        str, "per_tensor", "Scale granularity: per_tensor (one scale per weight, per-tensor activation scales) or "
+        "per_channel (one per output channel, per-token activation scales; more precise).", choices=SCALES)
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InvalidInput("mode", f"'{self.mode}' is not an FP8 mode.", MODES)
-        if self.scale not in SCALES:
-            raise InvalidInput("scale", f"'{self.scale}' is not a scale granularity.", SCALES)
+    def check_values(self) -> None:
         for pattern in self.ignored_layers:
             if not re.fullmatch(r"[\w.\-]+", pattern):
                 raise InvalidInput("ignored_layers", f"'{pattern}' is not a layer name part.",
@@ -137,7 +142,7 @@ class FP8Quantize(Accelerator):
     # --- checks -----------------------------------------------------------------------------------
     def check_model(self, spec) -> None:
         for attr, path in spec.transformer_files:
-            if is_gguf(path):
+            if open_weights(path).format == "gguf":
                 raise IncompatibleStack(
                     f"FP8 Quantize cannot quantize the {attr} of this pipe: it comes from the GGUF file "
                     f"{path.rsplit('/', 1)[-1]}, which is already quantized. Remove FP8 Quantize, or pick a "
@@ -169,7 +174,7 @@ class FP8Quantize(Accelerator):
         for attr in family.denoiser_attrs:
             if attr not in components:
                 continue
-            model = empty_component(spec.source, attr)
+            model = spec.source.empty_component(attr)
             plan = plan_layers(model, family, self.ignored_layers)
             modules = dict(model.named_modules())
             for name in plan.quantize:

@@ -14,7 +14,7 @@ from tools.comfy_harness import ExecutionFailed, node_text_output
 
 PROMPT = "a red circle at the top left on a blue background"
 NEGATIVE = "blurry"
-EXAMPLE = ROOT / "example_workflows" / "inputs" / "omni_edit_example.png"
+EXAMPLE = ROOT / "workflows" / "inputs" / "omni_edit_example.png"
 
 
 def reference(model_dirs, model: str, seed: int, **kwargs) -> np.ndarray:

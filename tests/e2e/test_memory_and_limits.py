@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import png_to_array, run_images_and_report, sampler_prompt, with_pipe_node
+from tests.helpers import png_to_array, sampler_prompt, with_pipe_node
 from tools.comfy_harness import ExecutionFailed, PromptRejected
 
 SMALL = dict(prompt="a red circle", negative_prompt="", seed=5, steps=2, cfg=1.0, width=32, height=32)
@@ -202,3 +202,61 @@ def test_v3_combos_and_ranges_are_still_checked_at_queue_time(comfy):
         with pytest.raises(PromptRejected) as info:
             comfy.queue(prompt)
         assert expected in json.dumps(info.value.body) and name in json.dumps(info.value.body)
+
+
+# (node, input, value as JSON, what the refusal says): ints must be whole and finite, numbers not booleans,
+# text text, booleans booleans.
+WRONG_KINDS = [
+    ("2", "steps", "NaN", "is not a finite number"),
+    ("2", "steps", "2.5", "2.5 is not a whole number"),
+    ("2", "width", "Infinity", "is not a finite number"),
+    ("2", "batch_size", "true", "True is not a number"),
+    ("2", "seed", "NaN", "is not a finite number"),
+    ("2", "prompt", "5", "5 is not text"),
+    ("3", "tiling", '"yes"', "'yes' is not true or false"),
+    ("3", "tile_size", "96.5", "96.5 is not a whole number"),
+]
+
+
+@pytest.mark.parametrize("node,name,value,expected", WRONG_KINDS)
+def test_values_of_the_wrong_kind_are_refused_naming_the_input(comfy, node, name, value, expected):
+    literal = sampler_prompt(**SMALL)
+    literal[node]["inputs"][name] = json.loads(value)
+    with pytest.raises(PromptRejected) as info:  # at queue time, before ComfyUI converts it silently
+        comfy.queue(literal)
+    body = json.dumps(info.value.body)
+    assert f"{name}: " in body and expected in body, body
+    linked = sampler_prompt(**SMALL)
+    linked["any"] = {"class_type": "OmniTestAnyValue", "inputs": {"text": value, "as_float": False, "as_json": True}}
+    linked[node]["inputs"][name] = ["any", 0]
+    with pytest.raises(ExecutionFailed) as failed:  # through a link, where no widget checks it
+        comfy.run(linked)
+    assert failed.value.exception_message.startswith(f"{name}: ") and expected in failed.value.exception_message
+
+
+def test_parallel_config_degrees_through_links_must_be_whole(comfy):
+    prompt = with_pipe_node(sampler_prompt(model="quant-qwen-image", **SMALL), "OmniParallelConfig", "par",
+                            dict(ulysses_degree=2, ring_degree=1, cfg_parallel_size=1, backend="auto", devices="",
+                                 ray_address=""))
+    prompt["any"] = {"class_type": "OmniTestAnyValue", "inputs": {"text": "NaN", "as_float": False, "as_json": True}}
+    prompt["par"]["inputs"]["ulysses_degree"] = ["any", 0]
+    with pytest.raises(ExecutionFailed) as failed:
+        comfy.run(prompt)
+    assert failed.value.node_type == "OmniParallelConfig"
+    assert failed.value.exception_message.startswith("ulysses_degree: nan is not a finite number")
+
+
+def test_the_store_route_answers_while_a_load_holds_the_store(comfy):
+    prompt_id = comfy.queue({"hold": {"class_type": "OmniTestHoldStore", "inputs": {"seconds": 4.0,
+                                                                                      "nonce": time.time_ns() % 10**9}}})
+    deadline = time.monotonic() + 30
+    while comfy.get_json("/queue")["queue_running"] == [] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the node has the store's lock now
+    answers = []
+    for _ in range(5):
+        start = time.perf_counter()
+        status = comfy.get_json("/omni_accel/store")
+        answers.append(time.perf_counter() - start)
+    comfy.wait(prompt_id, timeout=60)
+    assert "held" in status and max(answers) < 0.1, f"the route took {max(answers):.3f} s while the store was held"

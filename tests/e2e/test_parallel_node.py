@@ -4,7 +4,6 @@ killed worker is a clear error and the pool comes back, and no worker outlives i
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
@@ -165,3 +164,75 @@ def test_parallel_refusals_reach_the_user_before_any_work(comfy):
     with pytest.raises(ExecutionFailed) as failed:
         comfy.run(_parallel("quant-qwen-image", dict(ulysses_degree=4)))
     assert "4 ranks, but this stack runs on" in failed.value.exception_message
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The pool's worker processes among a server's children."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c.pid for c in children if "omni_core.parallel.worker" in " ".join(c.cmdline())]
+
+
+def _wait_for(condition, timeout: float, step: float = 0.02) -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_cancel_ends_a_parallel_run_within_two_seconds_also_while_its_workers_load(comfy):
+    # A stack whose pool is not up: Cancel arrives while the workers are still loading the model.
+    prompt = _parallel("quant-qwen-image", dict(ulysses_degree=2), steps=400, seed=31)
+    prompt["1"]["inputs"]["dtype"] = "fp32"  # another variant: a fresh pool
+    prompt["par"]["inputs"]["backend"] = "gloo"
+    prompt_id = comfy.queue(prompt)
+    _wait_for(lambda: len(_workers_of(comfy.process.pid)) == 2, 60)
+    workers = _workers_of(comfy.process.pid)
+    assert not comfy.progress(prompt_id), "still loading"
+    start = time.monotonic()
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id, timeout=30)
+    assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
+    assert time.monotonic() - start < 2.0 + 0.5, "Cancel ends the run within 2 s (plus the harness's polling)"
+    _wait_for(lambda: not _alive(workers), 5)
+    # Mid-run: stops at a step boundary, the pool stays and serves the next run.
+    prompt_id = comfy.queue(_parallel("quant-qwen-image", dict(ulysses_degree=2), steps=400, seed=32))
+    comfy.interrupt_at_step(prompt_id, 2, timeout=180)
+    _, report = _latent_and_report(comfy, _parallel("quant-qwen-image", dict(ulysses_degree=2), steps=2))
+    assert report["transformer_calls"] == 4
+
+
+def test_no_worker_survives_its_server_killed_mid_load_or_stopped_with_sigterm(tmp_path, model_dirs):
+    from tools.comfy_harness import ComfyServer
+
+    base = tmp_path / "server"
+    (base / "models" / "diffusers").mkdir(parents=True)
+    (base / "models" / "diffusers" / "quant-qwen-image").symlink_to(model_dirs["quant-qwen-image"])
+    server = ComfyServer(base).start()
+    try:
+        server.queue(_parallel("quant-qwen-image", dict(ulysses_degree=2), steps=2))
+        _wait_for(lambda: len(_workers_of(server.process.pid)) == 2, 60)
+        workers = _workers_of(server.process.pid)
+        os.kill(server.process.pid, signal.SIGKILL)  # mid-load: no cleanup of its own can run
+        _wait_for(lambda: not _alive(workers), 5)
+    finally:
+        server.stop()
+    server = ComfyServer(base).start()
+    try:
+        _latent_and_report(server, _parallel("quant-qwen-image", dict(ulysses_degree=2), steps=2))
+        workers = _workers_of(server.process.pid)
+        assert len(workers) == 2
+        os.kill(server.process.pid, signal.SIGTERM)
+        _wait_for(lambda: not _alive(workers), 5)
+        server.process.wait(30)
+        assert "SIGTERM, stopping the worker pools" in server.log_tail(200000)
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tools.gguf_files import write_gguf
-from tests.helpers import png_to_array, psnr, run_images_and_report, sampler_prompt, with_pipe_node
+from tests.helpers import psnr, run_images_and_report, sampler_prompt, with_pipe_node
 from tests.layouts import WRITERS
 from tools.comfy_harness import ExecutionFailed, PromptRejected
 

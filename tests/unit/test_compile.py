@@ -64,7 +64,7 @@ def test_compile_stacks_with_fp8_offload_and_teacache_without_recompiling(model_
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_report_line(model_dirs, monkeypatch):
-    def broken_backend(graph, example_inputs):
+    def broken_backend(graph, _example_inputs):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(regional, "BACKEND", broken_backend)

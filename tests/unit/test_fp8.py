@@ -13,7 +13,7 @@ from omni_core.cache.cachedit import CacheDiT
 from omni_core.cache.teacache import TeaCache
 from omni_core.families import family_by_name
 from omni_core.quant.fp8 import FP8Quantize, NonFiniteOutput, parse_ignored_layers, plan_layers
-from omni_core.quant.fp8_linear import FP8, FP8_MAX, FP8Linear, quantize_weight
+from omni_core.quant.fp8_linear import FP8, FP8_MAX, FP8Linear, fp8_product, quantize_weight
 from tests.helpers import tiny_pipe
 
 FAMILIES = {"tiny-qwen-image": {}, "tiny-flux": {}, "tiny-wan22": dict(num_frames=5), "tiny-z-image": {}}
@@ -130,6 +130,25 @@ def test_w8a8_math_on_the_cpu(per_channel):
     assert bool(layer.finite)
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_token_channel"])
+def test_the_cpus_fp8_product_is_torchs_scaled_mm(per_channel):
+    torch.manual_seed(1)
+    a = (torch.randn(16, 64) * 30).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    b = (torch.randn(32, 64) * 30).clamp(-FP8_MAX, FP8_MAX).to(FP8).t()
+    scale_a = torch.rand(16, 1) + 0.5 if per_channel else torch.tensor(0.7)
+    scale_b = torch.rand(1, 32) + 0.5 if per_channel else torch.tensor(1.3)
+    exact = (a.double() @ b.double()) * (scale_a.double() * scale_b.double())
+    error = lambda out: ((out.double() - exact).abs() / exact.abs().clamp_min(1)).max().item()  # noqa: E731
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, 2**-8)):
+        ours = fp8_product(a, b, scale_a, scale_b, dtype)
+        torchs = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+        assert ours.dtype == torchs.dtype == dtype and ours.shape == torchs.shape == (16, 32)
+        # The same product: ours as close to the exact one as torch's own kernel (its CPU kernel sums less
+        # exactly, ~2e-5 relative), within the output dtype's rounding.
+        assert error(ours) <= max(error(torchs), bound) and error(ours) <= bound
+        torch.testing.assert_close(ours, torchs, rtol=5e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-3)
+
+
 def test_scales_are_computed_zero_rows_are_safe_and_bad_weights_named():
     weight = torch.randn(4, 16)
     weight[2] = 0
@@ -173,7 +192,7 @@ def test_ignored_layers_parsing_fused_names_and_unmatched_warning(store, model_d
     assert parse_ignored_layers(" add_kv_proj, to_add_out ,,") == ("add_kv_proj", "to_add_out")
     with pytest.raises(InvalidInput, match="ignored_layers: 'a b' is not a layer name part"):
         FP8Quantize(ignored_layers=("a b",))
-    with pytest.raises(InvalidInput, match="mode: 'fp4' is not an FP8 mode"):
+    with pytest.raises(InvalidInput, match="mode: 'fp4' is not one of the choices. Valid: auto, w8a8, weight_only"):
         FP8Quantize(mode="fp4")
     pipe = tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(
         FP8Quantize(ignored_layers=("add_kv_proj", "to_add_out", "no_such_layer")))

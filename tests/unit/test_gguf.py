@@ -10,8 +10,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 from safetensors.torch import load_file
 
 from omni_core import LoadSpec, ModelLoadError, ModelStore, OmniPipe, Variant
-from omni_core.quant import gguf
 from omni_core.single_file import check_transformer_file
+from omni_core.weights import file as weights_file, gguf, open_weights
 from tools.gguf_files import quantize_q4_k, random_blocks, write_gguf
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "BF16"]
@@ -40,10 +40,9 @@ def test_every_type_is_dequantized_on_the_fly_like_the_reference(tmp_path, kind)
     bias = np.linspace(-1, 1, 8).astype(np.float32)
     path = tmp_path / f"{kind}.gguf"
     _write(path, {"0.weight": (blocks, qtype), "0.bias": (bias, None)})
-    assert {name: info[0] for name, info in gguf.read_tensor_infos(path, "transformer_file").items()} == {
-        "0.weight": kind, "0.bias": "F32"}
+    assert {name: info.dtype for name, info in open_weights(path).tensors.items()} == {"0.weight": kind, "0.bias": "F32"}
     model = torch.nn.Sequential(torch.nn.Linear(512, 8))
-    gguf.install(model, gguf.read_state(path), torch.float32)
+    gguf.install(model, open_weights(path).read_state(), torch.float32)
     layer = model[0]
     assert type(layer).__name__ == "GGUFLinear" and layer.weight.quant_type == qtype, "kept quantized in memory"
     assert layer.weight.numel() == blocks.size, "holds the file's bytes"
@@ -103,3 +102,27 @@ def test_memory_estimate_is_the_files_quantized_bytes(tmp_path, model_dirs):
     assert estimate <= measured <= estimate * 1.02
     plain = ModelStore().component_bytes(Variant(LoadSpec.create(folder, "quant-flux")))["transformer"]
     assert estimate < 0.3 * plain, "Q4_K holds well under a third of the fp32 transformer"
+
+
+def test_a_first_run_with_a_gguf_transformer_reads_its_header_once(tmp_path, model_dirs, monkeypatch):
+    folder = model_dirs["quant-flux"]
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, state, "Q8_0")
+    reads = []
+    original = weights_file._read
+    monkeypatch.setattr(weights_file, "_read", lambda p: reads.append(p) or original(p))
+    parsed = []
+    import gguf as gguf_package
+
+    original_reader = gguf_package.GGUFReader.__init__
+    monkeypatch.setattr(gguf_package.GGUFReader, "__init__",
+                        lambda self, *a, **k: parsed.append(a) or original_reader(self, *a, **k))
+    from omni_core import GenerationRequest, generate
+
+    spec = LoadSpec.create(folder, "quant-flux", transformer_files={"transformer": str(path)})  # the Loader
+    spec.check_files()
+    result = generate(OmniPipe(spec), GenerationRequest(prompt="x", steps=2, cfg=1.0, width=32, height=32), ModelStore())
+    assert result.report.sections["quantization"]["files"]["transformer"]["types"]["Q8_0"]["tensors"] > 0
+    assert [p for p in reads if p.suffix == ".gguf"] == [path.resolve()], "one header read for check, estimate, load, report"
+    assert len(parsed) == 1, "and one GGUF parse: the tensors are read through the same reader"

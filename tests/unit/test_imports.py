@@ -87,6 +87,26 @@ def test_no_import_cycles_and_no_comfyui_in_omni_core():
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph seen by package: omni_core's subpackages (cache, quant, weights, ...) are one node each,
+    its top-level modules one node each."""
+    def package(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:2]) if len(parts) > 2 or (ROOT / "omni_core" / parts[-1]).is_dir() else module
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(package(module), set()).update(package(t) for t in targets if package(t) != package(module))
+    return packages
+
+
+def test_no_import_cycles_between_packages():
+    packages = _package_graph(_graph())
+    assert {"omni_core.weights", "omni_core.quant", "omni_core.parallel", "omni_core.families"} <= set(packages)
+    assert "omni_core.weights" in packages["omni_core.quant"], "edges are resolved to packages"
+    assert _cycle(packages) is None, " -> ".join(_cycle(packages))
+
+
 def test_the_walker_finds_a_cycle_when_there_is_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -8,7 +8,7 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import load_file
 
 from omni_core.families import family_for_source
-from omni_core.layouts import flux_bfl_to_diffusers, to_diffusers
+from omni_core.weights.layouts import flux_bfl_to_diffusers, to_diffusers
 from omni_core.source import ModelSource
 from tests.layouts import WRITERS
 

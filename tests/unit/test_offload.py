@@ -75,7 +75,7 @@ def test_error_and_cancel_leave_every_tensor_in_place(offload_store, model_dirs,
     with pytest.raises((Cancelled, RuntimeError)):
         generate(pipe, request, offload_store, on_step=stop_at_step_2)
     after = {name: (t.data_ptr(), t.numel()) for name, t in loaded.pipeline.transformer.state_dict(keep_vars=True).items()}
-    resident = {name for name, (ptr, numel) in after.items() if numel and before[name][1] == 0}
+    resident = {name for name, (_, numel) in after.items() if numel and before[name][1] == 0}
     assert not resident, f"blocks left on the device: {sorted(resident)[:3]}"
     assert all(after[n] == before[n] for n in before if before[n][1]), "resident parts are the same tensors"
     assert torch.equal(generate(pipe, request, offload_store).latent,
@@ -143,7 +143,7 @@ def test_placement_estimate_and_refusals(model_dirs):
     pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
     with pytest.raises(InvalidInput, match="blocks_on_device: 'tiny-qwen-image' has 2 blocks per transformer"):
         pipe.with_accelerator(LayerwiseOffload(blocks_on_device=3))
-    with pytest.raises(InvalidInput, match="mode: 'disk' is not an offload mode"):
+    with pytest.raises(InvalidInput, match="mode: 'disk' is not one of the choices. Valid: layerwise, model"):
         LayerwiseOffload(mode="disk")
     store = ModelStore()
     components = store.component_bytes(pipe.variant)

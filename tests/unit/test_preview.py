@@ -9,7 +9,7 @@ import pytest
 
 from bench.harness import colour_error, to_uint8
 from omni_core import DecodeOptions, GenerationRequest, LoadSpec, ModelStore, OmniPipe, decode, generate
-from omni_core.preview import Previewer, PreviewSettings
+from omni_core.preview import PreviewMemo, Previewer, PreviewSettings
 from tools.tiny_models import reference_model_folder
 
 EVERY_STEP = PreviewSettings(min_interval_s=0)
@@ -30,7 +30,7 @@ def test_one_preview_per_step_when_unthrottled(model_dirs, model, extra, method)
     assert all(image.mode == "RGB" and image.size == size for _, image in seen)
     assert result.report.counters["previews"]["made"] == 4
     loaded, _ = store.get(pipe.spec)
-    assert ("preview_rgb_map" in loaded.derived) == (method == "linear"), "the colour map is fitted only when used"
+    assert (loaded.state.preview.rgb_map is not None) == (method == "linear"), "the colour map is fitted only when used"
 
 
 def test_decoded_previews_of_large_pictures_pool_the_latent_to_32_a_side(model_dirs):
@@ -108,18 +108,18 @@ def _run_steps(previewer, picture_s: float, step_s: float, steps: int) -> None:
 
 
 def test_decoded_previews_shrink_until_one_costs_at_most_half_a_step_and_grow_back():
-    state = {}
+    memo = PreviewMemo()
     settings = PreviewSettings(min_interval_s=0.001, budget=1.0)
-    new = lambda: Previewer(SimpleNamespace(scheduler=None), None, None, settings, state=state)  # noqa: E731
-    assert new().state["latent_side"] == 32
+    new = lambda: Previewer(SimpleNamespace(scheduler=None), None, None, settings, memo=memo)  # noqa: E731
+    assert new().memo.latent_side == 32
     _run_steps(new(), picture_s=0.02, step_s=0.005, steps=6)  # a preview costs 4 steps: shrink to the floor
-    assert state["latent_side"] == 8
+    assert memo.latent_side == 8
     previewer = new()  # the next run on this model starts from what the last one found
     _run_steps(previewer, picture_s=0.0, step_s=0.02, steps=4)  # previews have become cheap: grow again
-    assert state["latent_side"] == 32 and previewer.made == 4
-    unthrottled = Previewer(SimpleNamespace(scheduler=None), None, None, EVERY_STEP, state=state)
+    assert memo.latent_side == 32 and previewer.made == 4
+    unthrottled = Previewer(SimpleNamespace(scheduler=None), None, None, EVERY_STEP, memo=memo)
     _run_steps(unthrottled, picture_s=0.02, step_s=0.001, steps=3)
-    assert state["latent_side"] == 32, "one preview every step (min_interval_s 0) keeps the full size"
+    assert memo.latent_side == 32, "one preview every step (min_interval_s 0) keeps the full size"
 
 
 def test_preview_size_adapts_per_loaded_model_on_a_real_decode(model_dirs):
@@ -130,7 +130,7 @@ def test_preview_size_adapts_per_loaded_model_on_a_real_decode(model_dirs):
     result = generate(pipe, request, store, on_step=lambda d, t, image: seen.append(image),
                       previews=PreviewSettings(min_interval_s=1e-6, budget=1.0))
     loaded, _ = store.get(pipe.spec)
-    side = loaded.derived["preview"]["latent_side"]
+    side = loaded.state.preview.latent_side
     assert result.report.counters["previews"]["next_latent_side"] == side in (8, 16, 32)
     made = [image for image in seen if image is not None]
     assert made and max(made[-1].size) <= 32 * (512 // result.latent.shape[-1]), "decoded at most 32 latent pixels"

@@ -4,7 +4,6 @@ handling, and the VAE loaded alone."""
 import gc
 import shutil
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -188,8 +187,8 @@ def test_vae_is_loaded_alone_when_its_pipeline_is_not_held(model_dirs):
     store = ModelStore()
     pipe = OmniPipe(_spec(model_dirs))
     latent = generate(pipe, REQUEST, store).latent
-    with store.vae(pipe) as vae:
-        expected = decode(pipe.spec.model_family, vae, latent, DecodeOptions(tiling=False))
+    executor, _ = store.get(pipe)
+    expected = decode(pipe.spec.model_family, executor.pipeline.vae, latent, DecodeOptions(tiling=False))
     loads = store.loads
     store.release()
     images = decode_latent(pipe, latent, DecodeOptions(tiling=False), store)

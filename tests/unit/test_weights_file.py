@@ -4,7 +4,11 @@ import struct
 import torch
 from safetensors.torch import save_file
 
-from omni_core.weights_check import safetensors_problem
+from omni_core.weights import open_weights
+
+
+def safetensors_problem(path):
+    return open_weights(path).problem
 
 
 def _write(path, header: dict, data: bytes):

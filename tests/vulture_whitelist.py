@@ -1,0 +1,28 @@
+"""Names vulture (tests/unit/test_house.py) cannot see being used: ComfyUI, torch, diffusers or the tokenizers
+library call or read them."""
+
+_ = object
+# ComfyUI's node API (V3 and the test pack's V1 node)
+_.get_node_list
+_.validate_inputs
+_.execute
+_.fingerprint_inputs
+_.INPUT_TYPES
+_.RETURN_TYPES
+_.FUNCTION
+_.NODE_CLASS_MAPPINGS
+_.OUTPUT_NODE
+_.hold
+# diffusers' ModelHook and torch's Module
+_.new_forward
+_.extra_repr
+# diffusers VAE settings set by omni_core.vae.vae_settings, read by the VAEs' own decode
+_.use_slicing
+_.use_tiling
+_.tile_sample_min_height
+_.tile_sample_min_width
+_.tile_sample_stride_width
+_.tile_sample_min_size
+_.tile_latent_min_size
+# the tokenizers library reads the pre-tokenizer it is given
+_.pre_tokenizer
