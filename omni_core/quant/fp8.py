@@ -18,7 +18,7 @@ from ..memory import module_bytes
 from ..recipe import Accelerator
 from ..settings import setting
 from ..weights import open_weights
-from .fp8_linear import FP8Linear, NonFiniteWeights, can_multiply_in_fp8
+from ..weights.fp8_linear import FP8Linear, NonFiniteWeights, can_multiply_in_fp8
 
 MODES = ("auto", "w8a8", "weight_only")
 SCALES = ("per_tensor", "per_channel")
@@ -202,7 +202,7 @@ class FP8Quantize(Accelerator):
                     fallbacks.append(name)
                 parent_name, _, child = name.rpartition(".")
                 try:
-                    replacement = FP8Linear(linear, f"{attr}.{name}", per_channel, fast)
+                    replacement = FP8Linear.quantized(linear, f"{attr}.{name}", per_channel, fast)
                 except NonFiniteWeights as exc:
                     raise InvalidInput("FP8 Quantize", f"{exc}.", "a model with finite weights") from None
                 setattr(modules[parent_name] if parent_name else denoiser, child, replacement)

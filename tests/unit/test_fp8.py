@@ -13,7 +13,7 @@ from omni_core.cache.cachedit import CacheDiT
 from omni_core.cache.teacache import TeaCache
 from omni_core.families import family_by_name
 from omni_core.quant.fp8 import FP8Quantize, NonFiniteOutput, parse_ignored_layers, plan_layers
-from omni_core.quant.fp8_linear import FP8, FP8_MAX, FP8Linear, fp8_product, quantize_weight
+from omni_core.weights.fp8_linear import FP8, FP8_MAX, FP8Linear, fp8_product, quantize_weight
 from tests.helpers import tiny_pipe
 
 FAMILIES = {"tiny-qwen-image": {}, "tiny-flux": {}, "tiny-wan22": dict(num_frames=5), "tiny-z-image": {}}
@@ -115,7 +115,7 @@ def test_full_size_ratio_follows_the_families_kept_share(family_name):
 def test_w8a8_math_on_the_cpu(per_channel):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    layer = FP8Linear(linear, "test.layer", per_channel=per_channel, fp8_matmul=True)
+    layer = FP8Linear.quantized(linear, "test.layer", per_channel=per_channel, fp8_matmul=True)
     x = torch.randn(2, 5, 64) * torch.linspace(0.1, 3, 5).view(1, 5, 1)  # rows of different magnitude
     out = layer(x)
     # The same math written out: quantize the activations, multiply the dequantized FP8 operands.

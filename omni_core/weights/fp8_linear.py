@@ -55,17 +55,27 @@ def can_multiply_in_fp8(in_features: int, out_features: int, device: torch.devic
 
 
 class FP8Linear(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear, name: str, per_channel: bool, fp8_matmul: bool):
+    """Holds an FP8 weight and its float32 scale (a scalar, or one per output row)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, name: str,
+                 fp8_matmul: bool):
         super().__init__()
         self.name = name
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.per_channel = per_channel
+        self.out_features, self.in_features = weight.shape
+        self.per_channel = scale.numel() > 1
         self.fp8_matmul = fp8_matmul
-        weight, scale = quantize_weight(linear.weight, per_channel, name)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("weight_scale", scale)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.register_buffer("weight_scale", scale.float().reshape(-1, 1) if self.per_channel else scale.float().reshape(()))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
         self.finite: torch.Tensor | None = None  # whether the last output was finite (a device tensor, no sync)
+
+    @classmethod
+    def quantized(cls, linear: torch.nn.Linear, name: str, per_channel: bool, fp8_matmul: bool) -> "FP8Linear":
+        """`linear` quantized now, with scales computed from its weights."""
+        weight, scale = quantize_weight(linear.weight, per_channel, name)
+        layer = cls(weight, scale, linear.bias, name, fp8_matmul)
+        layer.per_channel = per_channel
+        return layer
 
     def extra_repr(self) -> str:
         mode = "w8a8" if self.fp8_matmul else "weight_only"
