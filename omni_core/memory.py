@@ -13,7 +13,6 @@ from .errors import InvalidInput
 from .families import ModelFamily
 from .request import GenerationRequest
 from .source import ModelSource
-from .weights import open_weights
 
 GIB = 2**30
 # During a block's attention its input (kept for the residual), the query and the attention output exist
@@ -41,7 +40,7 @@ class DeviceMemory:
         return psutil.virtual_memory().total
 
 
-def keep_fp32_modules(source: ModelSource, component: str) -> tuple[str, ...]:
+def keep_fp32_modules(source, component: str) -> tuple[str, ...]:
     """Module names the component's class keeps in fp32 whatever the pipeline dtype (e.g. Wan's time_embedder)."""
     import diffusers
     import transformers
@@ -52,13 +51,13 @@ def keep_fp32_modules(source: ModelSource, component: str) -> tuple[str, ...]:
     return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
 
-def folder_component_bytes(source: ModelSource, float_bytes: int, skip: list[str] = ()) -> dict[str, int]:
-    """Bytes each component of the folder holds once loaded with floats at `float_bytes` per value."""
+def source_component_bytes(source, float_bytes: int) -> dict[str, int]:
+    """Bytes each component holds once loaded with floats at `float_bytes` per value (fp8 layers and GGUF
+    quantized tensors as stored)."""
     out: dict[str, int] = {}
-    for path in source.weight_files(skip):
-        component = path.parent.name
+    for component, files in source.component_weights().items():
         keep = keep_fp32_modules(source, component) if float_bytes < 4 else ()
-        out[component] = out.get(component, 0) + open_weights(path).loaded_bytes(float_bytes, keep)
+        out[component] = sum(weights.loaded_bytes(float_bytes, keep) for weights in files)
     return out
 
 

@@ -132,12 +132,12 @@ class Variant:
     def describe(self) -> dict:
         entries = self.entries + ((self.layout,) if self.layout else ())
         return {"model": self.spec.name, "dtype": self.spec.dtype, "device": self.spec.device,
-                "files": [attr for attr, _ in self.spec.transformer_files],
+                "files": [attr for attr, _ in self.spec.files],
                 "load_time": [entry.describe() for entry in entries]}
 
     def label(self) -> str:
         parts = [self.spec.name, self.spec.dtype, self.spec.device]
-        parts += [f"{attr} from file" for attr, _ in self.spec.transformer_files]
+        parts += [f"{attr} from file" for attr, _ in self.spec.files if self.spec.folder]
         parts += [entry.display_name for entry in self.entries + ((self.layout,) if self.layout else ())]
         return ", ".join(parts)
 

@@ -30,7 +30,7 @@ def _first_mismatch(state: dict, expected: dict) -> str | None:
 
 def _fitted(family, source: ModelSource, attr: str, weights: WeightsFile, state: dict, model: torch.nn.Module) -> dict:
     """The file's state in diffusers keys, or an error naming the file and its first key that does not fit."""
-    state, layout = to_diffusers(state, source.component_config(attr), family.single_file_layouts)
+    state, layout = to_diffusers(state, family.single_file_layouts)
     expected = {key: value.shape for key, value in model.state_dict().items()}
     mismatch = _first_mismatch(state, expected)
     if mismatch:

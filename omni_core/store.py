@@ -29,9 +29,8 @@ from .devices import DTYPE_BYTES
 from .errors import InvalidInput, ModelLoadError, OmniError
 from .executor import Decoder, Executor, LocalExecutor, checked_decode
 from .load_state import LoadingModel
-from .memory import DeviceMemory, folder_component_bytes, gib, module_bytes
+from .memory import DeviceMemory, gib, module_bytes, source_component_bytes
 from .recipe import OmniPipe, Variant
-from .single_file import load_transformer_file
 from .spec import LoadSpec
 from .vae import DecodeOptions
 from .weights import open_weights
@@ -113,9 +112,7 @@ class ModelStore:
     def component_bytes(self, variant: Variant) -> dict[str, int]:
         spec = variant.spec
         float_bytes = DTYPE_BYTES[spec.dtype]
-        components = folder_component_bytes(spec.source, float_bytes, skip=spec.replaced_components)
-        for attr, path in spec.transformer_files:
-            components[attr] = open_weights(path).loaded_bytes(float_bytes)
+        components = source_component_bytes(spec.source, float_bytes)
         for entry in variant.entries:
             components = entry.component_bytes(spec, components)
         return components
@@ -195,13 +192,8 @@ class ModelStore:
         family = spec.model_family
         loading = None
         try:
-            components = {
-                attr: load_transformer_file(family, spec.source, attr, path, spec.torch_dtype)
-                for attr, path in spec.transformer_files
-            }
-            loading = LoadingModel(spec, family, family.load(spec.source, spec.torch_dtype, **components))
-            del components
-            gguf_files = {attr: open_weights(path).summary() for attr, path in spec.transformer_files
+            loading = LoadingModel(spec, family, spec.source.load_pipeline(family, spec.torch_dtype))
+            gguf_files = {attr: open_weights(path).summary() for attr, path in spec.files
                           if open_weights(path).format == "gguf"}
             if gguf_files:
                 denoisers = family.denoisers(loading.pipeline).values()
@@ -257,10 +249,10 @@ class ModelStore:
             return loaded
         spec = key.spec
         float_bytes = DTYPE_BYTES[spec.dtype]
-        need = {spec.device: folder_component_bytes(spec.source, float_bytes).get("vae", 0)}
+        need = {spec.device: source_component_bytes(spec.source, float_bytes).get("vae", 0)}
         self._make_room(key.label(), need)
         try:
-            vae = spec.model_family.load_vae(spec.source, spec.torch_dtype).to(spec.device)
+            vae = spec.source.load_component("vae", spec.torch_dtype).to(spec.device)
         except BaseException as exc:
             self._fail_load(key.label(), spec, need, exc)
         self._loads += 1

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import diffusers
 import torch
 
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
-from .facts import FINAL, NORM, PrecisionSensitive, StepSignal
+from .facts import FINAL, NORM, PrecisionSensitive, SingleFile, StepSignal
 
 # Why a family-specific Sampler input does not apply, completing "<input> ignored: <family> models ...".
 _WHY_IGNORED = {
@@ -55,7 +54,10 @@ class ModelFamily:
     cfg_batched: ClassVar[bool] = False
     # Video families keep LATENT samples 5-D (B, C, T, H, W) and return frames as the IMAGE batch.
     video: ClassVar[bool] = False
-    # Single-file layouts besides diffusers' own keys (see layouts.py).
+    # How its single-file diffusion models look and what the released models' own settings are (None: the
+    # family loads from diffusers folders only).
+    single_file: ClassVar[SingleFile | None] = None
+    # Single-file layouts besides diffusers' own keys (see weights/layouts.py).
     single_file_layouts: ClassVar[tuple] = ()
     # Transformer attributes holding the repeated blocks, in execution order (the units a cache skips
     # and an offloader streams).
@@ -70,25 +72,6 @@ class ModelFamily:
     cache_dit: ClassVar[bool] = True
     # Transformer modules that must keep full precision (matched on qualified names).
     precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
-
-    def pipeline_class(self, source: ModelSource) -> type:
-        return getattr(diffusers, source.pipeline_class_name)
-
-    def load(self, source: ModelSource, dtype: torch.dtype, **components):
-        """Loads the pipeline into CPU memory; `components` replace folder components (e.g. a transformer
-        loaded from a single file). Placement on the device is the store's job."""
-        pipeline = self.pipeline_class(source).from_pretrained(
-            str(source.folder), dtype=dtype, local_files_only=True, **components
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def load_vae(self, source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
-        """The VAE alone, for decoding when the rest of the pipeline is not in memory."""
-        class_name = source.model_index["vae"][1]
-        return getattr(diffusers, class_name).from_pretrained(
-            str(source.folder), subfolder="vae", dtype=dtype, local_files_only=True
-        ).eval()
 
     # --- requests -------------------------------------------------------------------------------
     def size_multiple(self, source: ModelSource) -> int:
@@ -205,6 +188,14 @@ class ModelFamily:
     def latent_channels(self, vae) -> int:
         return vae.config.latent_channels
 
+    def latent_channels_of(self, transformer_config: dict) -> int:
+        """Channels of the latents a transformer of this configuration denoises (what its VAE must make)."""
+        return transformer_config["in_channels"]
+
+    def text_width_of(self, transformer_config: dict, text_encoder: str) -> int:
+        """The width of the text embeddings the transformer takes from that text encoder."""
+        raise NotImplementedError
+
     # --- structure, for probes and accelerators ---------------------------------------------------
     def denoisers(self, pipeline) -> dict[str, torch.nn.Module]:
         return {attr: getattr(pipeline, attr) for attr in self.denoiser_attrs if getattr(pipeline, attr, None) is not None}
@@ -227,20 +218,33 @@ class ModelFamily:
         return {"transformer": request.steps}
 
 
-def mean_std_latent(vae, latents: torch.Tensor) -> torch.Tensor:
+def vae_config(pipeline):
+    """The configuration of the pipeline's VAE, also when it has none (a single-file model decoded by ComfyUI's
+    own VAE): the released VAE's then, which gives the LATENT its space."""
+    vae = getattr(pipeline, "vae", None)
+    return vae.config if vae is not None else pipeline.omni_vae_config
+
+
+def _vae_dtype(pipeline) -> torch.dtype:
+    vae = getattr(pipeline, "vae", None)
+    return vae.dtype if vae is not None else pipeline.transformer.dtype
+
+
+def mean_std_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Wan-style VAEs (Qwen-Image, Wan): model latents -> VAE latents with the VAE's per-channel statistics,
     written as their pipelines do (divide by 1/std) so the result is bit-identical."""
-    latents = latents.to(vae.dtype)
-    config = vae.config
-    shape = (1, config.z_dim) + (1,) * (latents.ndim - 2)
-    mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    inv_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
+    latents = latents.to(_vae_dtype(pipeline))
+    config = vae_config(pipeline)
+    shape = (1, config["z_dim"]) + (1,) * (latents.ndim - 2)
+    mean = torch.tensor(config["latents_mean"]).view(shape).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(config["latents_std"]).view(shape).to(latents.device, latents.dtype)
     return latents / inv_std + mean
 
 
-def scaled_shifted_latent(vae, latents: torch.Tensor) -> torch.Tensor:
+def scaled_shifted_latent(pipeline, latents: torch.Tensor) -> torch.Tensor:
     """AutoencoderKL families (Flux, Z-Image): model latents -> VAE latents, as their pipelines decode."""
-    return latents / vae.config.scaling_factor + vae.config.shift_factor
+    config = vae_config(pipeline)
+    return latents.to(_vae_dtype(pipeline)) / config["scaling_factor"] + config["shift_factor"]
 
 
 def kl_size_multiple(source: ModelSource) -> int:

@@ -89,3 +89,47 @@ MODULATION = "modulation / adaLN (its output scales every activation, so its err
 EMBEDDING = "timestep, text or patch embedding (the model's input, seen by every block)"
 NORM = "normalization"
 FINAL = "final projection (writes the prediction itself)"
+
+
+# name -> shape of every tensor of a diffusion model, in diffusers' keys
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ReleasedDefaults:
+    """What a single-file model cannot say about itself: its released pipeline's own settings."""
+
+    pipeline_class: str
+    scheduler_class: str
+    scheduler: dict
+    vae_class: str
+    vae: dict  # the released VAE's configuration (latent statistics, scaling, sizes when no VAE file is given)
+    text_encoders: tuple[str, ...]  # text encoder kinds, for text_encoder, text_encoder_2
+    pipeline_config: dict = field(default_factory=dict)  # e.g. Wan 2.2's boundary_ratio
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """How the family's single-file diffusion models (ComfyUI's models/diffusion_models) are recognised and
+    sized. `markers` are keys only this family's files have, in ComfyUI's layout or diffusers'; `config` reads
+    the diffusers transformer configuration from the shapes (diffusers keys); `released` gives the rest
+    (the second entry applies when a second expert file is given)."""
+
+    markers: tuple[str, ...]
+    transformer_class: str
+    config: Callable[[Shapes], dict]
+    released: Callable[[dict, bool], ReleasedDefaults]  # (transformer config, two experts) -> defaults
+
+
+def count(shapes: Shapes, pattern: str) -> int:
+    """Blocks of a list: count("transformer_blocks") is the number of distinct transformer_blocks.N."""
+    return len({key.split(".")[1] for key in shapes if key.startswith(pattern + ".")})
+
+
+def rope_axes(head_dim: int, time_share: int) -> tuple[int, int, int]:
+    """RoPE axes (frame, height, width) for a head size: the released models give the frame axis
+    head_dim / time_share and split the rest evenly (Qwen-Image and Flux 16/56/56 of 128, time_share 8;
+    Z-Image 32/48/48 of 128, time_share 4)."""
+    frames = head_dim // time_share
+    side = (head_dim - frames) // 2
+    return (frames, side, side)

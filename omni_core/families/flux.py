@@ -8,12 +8,48 @@ from ..weights.layouts import FLUX_BFL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
-from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
+from .facts import (
+    EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile, StepSignal,
+    count, rope_axes,
+)
+from .z_image import AE_VAE
 
 
 def _flux_modulated_input(block, arguments: dict) -> torch.Tensor:
     """The image stream after the first double block's AdaLayerNormZero (what its attention receives)."""
     return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+
+def _flux_config(shapes: Shapes) -> dict:
+    head = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    return dict(
+        patch_size=1, in_channels=shapes["x_embedder.weight"][1], num_layers=count(shapes, "transformer_blocks"),
+        num_single_layers=count(shapes, "single_transformer_blocks"), attention_head_dim=head,
+        num_attention_heads=shapes["x_embedder.weight"][0] // head,
+        joint_attention_dim=shapes["context_embedder.weight"][1],
+        pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in shapes,
+        axes_dims_rope=rope_axes(head, 8),
+    )
+
+
+def _flux_released(config: dict, two: bool) -> ReleasedDefaults:
+    """FLUX.1-dev's scheduler shifts with the image size; schnell's (no guidance embedding) does not."""
+    if config["guidance_embeds"]:
+        scheduler = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return ReleasedDefaults("FluxPipeline", "FlowMatchEulerDiscreteScheduler", scheduler, "AutoencoderKL", AE_VAE,
+                            ("clip-l", "t5"))
+
+
+FLUX_SINGLE_FILE = SingleFile(
+    markers=("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"),
+    transformer_class="FluxTransformer2DModel",
+    config=_flux_config,
+    released=_flux_released,
+)
 
 
 class FluxFamily(ModelFamily):
@@ -24,6 +60,7 @@ class FluxFamily(ModelFamily):
         "Flux's distilled guidance is the separate `guidance` input"
     )
     uses = frozenset({"guidance"})
+    single_file = FLUX_SINGLE_FILE
     single_file_layouts = (FLUX_BFL,)
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     block_count_keys = ("num_layers", "num_single_layers")
@@ -51,6 +88,13 @@ class FluxFamily(ModelFamily):
             notes.append("guidance ignored: this Flux model (schnell layout) has no guidance embedding")
         return {"true_cfg_scale": request.cfg, "guidance_scale": request.guidance}, notes
 
+    def latent_channels_of(self, transformer_config: dict) -> int:
+        return transformer_config["in_channels"] // 4  # 2x2-packed latents
+
+    def text_width_of(self, transformer_config: dict, text_encoder: str) -> int:
+        """CLIP-L gives the pooled vector, T5 the token sequence."""
+        return transformer_config["pooled_projection_dim" if text_encoder == "text_encoder" else "joint_attention_dim"]
+
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        return scaled_shifted_latent(pipeline.vae, latents)
+        return scaled_shifted_latent(pipeline, latents)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import diffusers
@@ -13,7 +12,10 @@ from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, mean_std_latent
-from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
+from .facts import (
+    EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile, StepSignal,
+    count, rope_axes,
+)
 
 _TRUE_CFG = (
     "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
@@ -39,15 +41,47 @@ _QWEN_STEP_SIGNAL = StepSignal(
 
 def _vision_patch(source: ModelSource) -> int:
     """Pixels a side of one vision token of the edit models' text encoder (patch x merge: 28 for Qwen2.5-VL)."""
-    path = source.folder / "processor" / "processor_config.json"
-    config = json.loads(path.read_text()).get("image_processor", {}) if path.is_file() else {}
+    config = source.processor_config()
     return int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
+
+
+# Qwen-Image's released scheduler (Qwen/Qwen-Image scheduler_config.json): dynamic shifting on the image tokens.
+QWEN_SCHEDULER = dict(
+    base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
+    num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, stochastic_sampling=False,
+    time_shift_type="exponential", use_beta_sigmas=False, use_dynamic_shifting=True, use_exponential_sigmas=False,
+    use_karras_sigmas=False,
+)
+
+
+def _qwen_config(shapes: Shapes) -> dict:
+    """ComfyUI's Qwen-Image files use diffusers' own keys; ComfyUI reads only in_channels and the depth and fixes
+    the rest, which the shapes give here instead."""
+    head = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    return dict(
+        patch_size=2, in_channels=shapes["img_in.weight"][1], out_channels=shapes["proj_out.weight"][0] // 4,
+        num_layers=count(shapes, "transformer_blocks"), attention_head_dim=head,
+        num_attention_heads=shapes["img_in.weight"][0] // head, joint_attention_dim=shapes["txt_in.weight"][1],
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in shapes,
+        axes_dims_rope=rope_axes(head, 8),
+    )
+
+
+QWEN_SINGLE_FILE = SingleFile(
+    markers=("txt_norm.weight",),
+    transformer_class="QwenImageTransformer2DModel",
+    config=_qwen_config,
+    released=lambda config, two: ReleasedDefaults(
+        "QwenImagePipeline", "FlowMatchEulerDiscreteScheduler", QWEN_SCHEDULER, "AutoencoderKLQwenImage", {},
+        ("qwen2.5-vl",)),
+)
 
 
 class QwenImageFamily(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
     cfg_meaning = _TRUE_CFG
+    single_file = QWEN_SINGLE_FILE
     step_signal = _QWEN_STEP_SIGNAL
     precision_sensitive = (
         PrecisionSensitive(r"\.(img|txt)_mod\.|^norm_out\.", MODULATION),
@@ -66,7 +100,7 @@ class QwenImageFamily(ModelFamily):
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        return mean_std_latent(pipeline.vae, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
+        return mean_std_latent(pipeline, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
 
     def latent_to_vae_input(self, samples: torch.Tensor) -> torch.Tensor:
         return samples.unsqueeze(2)
@@ -76,6 +110,12 @@ class QwenImageFamily(ModelFamily):
 
     def latent_channels(self, vae) -> int:
         return vae.config.z_dim
+
+    def latent_channels_of(self, transformer_config: dict) -> int:
+        return transformer_config["in_channels"] // 4  # 2x2-patched latents
+
+    def text_width_of(self, transformer_config: dict, text_encoder: str) -> int:
+        return transformer_config["joint_attention_dim"]
 
 
 # Edit-Plus adds every reference image's tokens to the sequence (and its vision tokens to the prompt's): the
@@ -88,6 +128,7 @@ class QwenImageEditFamily(QwenImageFamily):
 
     name = "qwen-image-edit"
     pipeline_classes = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    single_file = None  # a Qwen-Image file does not say whether it was trained to edit: it loads as Qwen-Image
     cfg_meaning = _TRUE_CFG
     uses = frozenset({"images"})
 

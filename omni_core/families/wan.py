@@ -11,7 +11,10 @@ from ..weights.layouts import WAN_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, mean_std_latent
-from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
+from .facts import (
+    EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile, StepSignal,
+    count,
+)
 
 
 _WAN_1_3B = Coefficients(
@@ -31,6 +34,41 @@ def _wan_timestep_projection(block, arguments: dict) -> torch.Tensor:
     return arguments["temb"]
 
 
+# The head size of every released Wan (1.3B: 12 x 128, 14B: 40 x 128); the weights do not tell it (the
+# attention's norms span all heads), and ComfyUI assumes it too.
+WAN_HEAD_DIM = 128
+
+
+def _wan_config(shapes: Shapes) -> dict:
+    dim = shapes["scale_shift_table"][-1]
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=dim // WAN_HEAD_DIM, attention_head_dim=WAN_HEAD_DIM,
+        in_channels=shapes["patch_embedding.weight"][1], out_channels=shapes["proj_out.weight"][0] // 4,
+        text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+        freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+        ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0], num_layers=count(shapes, "blocks"),
+        cross_attn_norm="blocks.0.norm2.weight" in shapes, qk_norm="rms_norm_across_heads", eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def _wan_released(config: dict, two_experts: bool) -> ReleasedDefaults:
+    """Wan 2.1 T2V (480p: flow shift 3.0) and Wan 2.2 T2V A14B (flow shift 12.0, experts handing over at
+    boundary 0.875, the Wan team's own configuration)."""
+    scheduler = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                     flow_shift=12.0 if two_experts else 3.0)
+    return ReleasedDefaults("WanPipeline", "UniPCMultistepScheduler", scheduler, "AutoencoderKLWan", {}, ("umt5",),
+                            {"boundary_ratio": 0.875} if two_experts else {})
+
+
+WAN_SINGLE_FILE = SingleFile(
+    markers=("head.modulation", "condition_embedder.time_proj.weight"),
+    transformer_class="WanTransformer3DModel",
+    config=_wan_config,
+    released=_wan_released,
+)
+
+
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_classes = ("WanPipeline",)
@@ -42,6 +80,7 @@ class WanFamily(ModelFamily):
     denoiser_attrs = ("transformer", "transformer_2")
     batch_argument = "num_videos_per_prompt"
     video = True
+    single_file = WAN_SINGLE_FILE
     single_file_layouts = (WAN_ORIGINAL,)
     block_lists = ("blocks",)
     step_signal = StepSignal(
@@ -103,7 +142,7 @@ class WanFamily(ModelFamily):
         }, notes
 
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        return mean_std_latent(pipeline.vae, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
+        return mean_std_latent(pipeline, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
 
     def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
         """(B, C, F, H, W) -> frames as an IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""
@@ -112,3 +151,6 @@ class WanFamily(ModelFamily):
 
     def latent_channels(self, vae) -> int:
         return vae.config.z_dim
+
+    def text_width_of(self, transformer_config: dict, text_encoder: str) -> int:
+        return transformer_config["text_dim"]

@@ -8,7 +8,10 @@ from ..weights.layouts import Z_IMAGE_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
-from .facts import EMBEDDING, FINAL, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
+from .facts import (
+    EMBEDDING, FINAL, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile,
+    StepSignal, count, rope_axes,
+)
 
 
 def _z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
@@ -17,10 +20,43 @@ def _z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
     return block.attention_norm1(arguments["x"]) * (1.0 + scale_msa)
 
 
+# Flux's and Z-Image's "ae" (black-forest-labs/FLUX.1-dev vae/config.json; Z-Image uses the same VAE)
+AE_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=16,
+    norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+    use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True,
+)
+
+
+def _z_image_config(shapes: Shapes) -> dict:
+    dim, patched = shapes["all_x_embedder.2-1.weight"]
+    head = shapes["layers.0.attention.norm_q.weight"][0]
+    return dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patched // 4, dim=dim,
+        n_layers=count(shapes, "layers"), n_refiner_layers=count(shapes, "noise_refiner"), n_heads=dim // head,
+        n_kv_heads=shapes["layers.0.attention.to_k.weight"][0] // head, qk_norm=True,
+        cap_feat_dim=shapes["cap_embedder.1.weight"][1], rope_theta=256.0, t_scale=1000.0,
+        axes_dims=list(rope_axes(head, 4)), axes_lens=[1536, 512, 512],  # Z-Image-Turbo's (diffusers' default is not)
+    )
+
+
+Z_IMAGE_SINGLE_FILE = SingleFile(
+    markers=("cap_embedder.1.weight",),
+    transformer_class="ZImageTransformer2DModel",
+    config=_z_image_config,
+    # Tongyi-MAI/Z-Image-Turbo: a static shift of 3.0
+    released=lambda config, two: ReleasedDefaults(
+        "ZImagePipeline", "FlowMatchEulerDiscreteScheduler",
+        dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False), "AutoencoderKL", AE_VAE, ("qwen3",)),
+)
+
+
 class ZImageFamily(ModelFamily):
     name = "z-image"
     pipeline_classes = ("ZImagePipeline",)
     cfg_batched = True
+    single_file = Z_IMAGE_SINGLE_FILE
     single_file_layouts = (Z_IMAGE_ORIGINAL,)
     block_lists = ("layers",)
     block_count_keys = ("n_layers",)
@@ -60,5 +96,8 @@ class ZImageFamily(ModelFamily):
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"guidance_scale": request.cfg - 1 if request.cfg > 1 else 0.0}, []
 
+    def text_width_of(self, transformer_config: dict, text_encoder: str) -> int:
+        return transformer_config["cap_feat_dim"]
+
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        return scaled_shifted_latent(pipeline.vae, output.to(pipeline.vae.dtype))
+        return scaled_shifted_latent(pipeline, output)

@@ -186,22 +186,24 @@ class WorkerPool(Executor):
         return self.broken is None and all(w.exit_reason() is None for w in self.workers)
 
     def close(self) -> None:
-        self.stop("shut down")
+        self.stop("shut down", grace=5.0)
 
-    def stop(self, why: str) -> None:
-        """Stops every worker (politely, then for good) and leaves the Ray cluster if this pool joined it."""
+    def stop(self, why: str, grace: float = 0.5) -> None:
+        """Stops every worker (a Stop message, and after `grace` seconds for good) and leaves the Ray cluster if
+        this pool joined it. A worker busy loading or running exits at once on Stop; an idle one after
+        closing its process group."""
         if self.broken is None:
             self.broken = why
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for channel in self.channels:
+        for channel in self.channels or [c for c, _ in list(self._accepted.values())]:
             try:
                 channel.sock.settimeout(1.0)  # a worker that reads nothing any more is killed below anyway
                 channel.send(Stop())
             except OSError:
                 pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace
         for worker in self.workers:
             while worker.exit_reason() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

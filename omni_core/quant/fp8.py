@@ -141,7 +141,7 @@ class FP8Quantize(Accelerator):
 
     # --- checks -----------------------------------------------------------------------------------
     def check_model(self, spec) -> None:
-        for attr, path in spec.transformer_files:
+        for attr, path in spec.files:
             if open_weights(path).format == "gguf":
                 raise IncompatibleStack(
                     f"FP8 Quantize cannot quantize the {attr} of this pipe: it comes from the GGUF file "

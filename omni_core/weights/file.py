@@ -71,6 +71,8 @@ class WeightsFile:
         for name, info in self.tensors.items():
             if self.format == "gguf" and info.dtype not in gguf.UNQUANTIZED:
                 total += info.nbytes
+            elif info.dtype in ("F8_E4M3", "F8_E5M2") and len(info.shape) == 2:
+                total += info.numel  # fp8 linear weights stay fp8 in memory (weights/precision.py)
             elif info.dtype in FLOAT_DTYPES or self.format == "gguf":
                 fp32 = keep_fp32 and any(part in keep_fp32 for part in name.split("."))
                 total += info.numel * (max(float_bytes, 4) if fp32 else float_bytes)

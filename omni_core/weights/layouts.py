@@ -26,7 +26,7 @@ StateDict = dict[str, torch.Tensor]
 class Layout:
     name: str
     marker: str  # a key (after prefix stripping) that only this layout has
-    to_diffusers: Callable[[StateDict, dict], StateDict]  # (state, transformer config) -> diffusers keys
+    to_diffusers: Callable[[StateDict], StateDict]  # state -> diffusers keys (sizes read from the state)
 
 
 def strip_comfy_prefix(state: StateDict) -> StateDict:
@@ -36,25 +36,35 @@ def strip_comfy_prefix(state: StateDict) -> StateDict:
     return state
 
 
-def to_diffusers(state: StateDict, config: dict, layouts: tuple[Layout, ...]) -> tuple[StateDict, str]:
+def to_diffusers(state: StateDict, layouts: tuple[Layout, ...]) -> tuple[StateDict, str]:
     """Returns the state in diffusers keys and the name of the layout it was found in."""
     state = strip_comfy_prefix(state)
     for layout in layouts:
         if layout.marker in state:
-            return layout.to_diffusers(dict(state), config), layout.name
+            return layout.to_diffusers(dict(state)), layout.name
     return state, "diffusers"
 
 
 # --- Wan and Z-Image: diffusers' own converters (size-independent) ------------------------------------
-WAN_ORIGINAL = Layout("Wan original (ComfyUI)", "blocks.0.self_attn.q.weight", lambda s, c: convert_wan_transformer_to_diffusers(s))
-Z_IMAGE_ORIGINAL = Layout(
-    "Z-Image original (ComfyUI)", "layers.0.attention.qkv.weight",
-    lambda s, c: convert_z_image_transformer_checkpoint_to_diffusers(s),
-)
+WAN_ORIGINAL = Layout("Wan original (ComfyUI)", "blocks.0.self_attn.q.weight", convert_wan_transformer_to_diffusers)
+
+
+def z_image_original_to_diffusers(state: StateDict) -> StateDict:
+    """diffusers' converter splits the fused attention.qkv weight only; a stored fp8 scale beside it (one per
+    row, see precision.py) is split here the same way."""
+    fused = {}
+    for key in [k for k in state if ".attention.qkv." in k and not k.endswith(".attention.qkv.weight")]:
+        stem, leaf = key.split(".attention.qkv.")
+        for part, piece in zip(("to_q", "to_k", "to_v"), torch.chunk(state.pop(key), 3, dim=0)):
+            fused[f"{stem}.attention.{part}.{leaf}"] = piece
+    return {**convert_z_image_transformer_checkpoint_to_diffusers(state), **fused}
+
+
+Z_IMAGE_ORIGINAL = Layout("Z-Image original (ComfyUI)", "layers.0.attention.qkv.weight", z_image_original_to_diffusers)
 
 
 # --- Flux: BFL layout ----------------------------------------------------------------------------------
-# diffusers' converter assumes the full-size width (3072); this one reads the width from the config.
+# diffusers' converter assumes the full-size width (3072); this one reads the widths from the tensors.
 _FLUX_RENAMES = {
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
     "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
@@ -108,9 +118,9 @@ def _flux_block_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def flux_bfl_to_diffusers(state: StateDict, config: dict) -> StateDict:
-    inner = config["num_attention_heads"] * config["attention_head_dim"]
-    mlp = int(inner * config.get("mlp_ratio", 4.0))
+def flux_bfl_to_diffusers(state: StateDict) -> StateDict:
+    inner = state["img_in.weight"].shape[0]
+    mlp = state["single_blocks.0.linear1.weight"].shape[0] - 3 * inner if "single_blocks.0.linear1.weight" in state else 0
     out: StateDict = {}
     for key, value in state.items():
         block = _flux_block_key(key)

@@ -127,7 +127,7 @@ def test_cache_dit_defaults_are_vllm_omnis(comfy):
 
 
 def test_pack_imported_without_errors(comfy):
-    log = comfy.log_tail(200_000)
+    log = comfy.log_path.read_text(errors="replace")  # the import lines are at the start of a long log
     assert re.search(r"\d+\.\d+ seconds: .*comfyui-omni-accel", log), "the pack was not imported"
     assert "(IMPORT FAILED)" not in "\n".join(l for l in log.splitlines() if "omni-accel" in l)
     startup = log.split("Starting server")[0]

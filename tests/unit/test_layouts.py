@@ -23,7 +23,7 @@ def test_round_trip_through_the_loader_converters(model_dirs, family_name):
     state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     written = WRITERS[family_name](dict(state))
     assert set(written) != set(state), "the layout really differs from diffusers keys"
-    back, layout = to_diffusers(written, source.component_config("transformer"), family.single_file_layouts)
+    back, layout = to_diffusers(written, family.single_file_layouts)
     assert layout != "diffusers" or family_name == "qwen-image"
     assert set(back) == set(state)
     for key in state:
@@ -47,7 +47,7 @@ def test_flux_converter_matches_diffusers_at_full_width():
         bfl[key] = _row_indexed(value.shape, offset)
         offset += value.shape[0]
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
-    ours = flux_bfl_to_diffusers(dict(bfl), {**config, "mlp_ratio": 4.0})
+    ours = flux_bfl_to_diffusers(dict(bfl))
     assert set(ours) == set(theirs) == set(model.state_dict())
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
@@ -55,5 +55,5 @@ def test_flux_converter_matches_diffusers_at_full_width():
 
 def test_diffusers_layout_needs_no_conversion(model_dirs):
     state = {"a.weight": torch.zeros(1)}
-    assert to_diffusers(state, {}, ()) == (state, "diffusers")
-    assert to_diffusers({"model.diffusion_model.a.weight": torch.zeros(1)}, {}, ())[0].keys() == {"a.weight"}
+    assert to_diffusers(state, ()) == (state, "diffusers")
+    assert to_diffusers({"model.diffusion_model.a.weight": torch.zeros(1)}, ())[0].keys() == {"a.weight"}

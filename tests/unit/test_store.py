@@ -14,6 +14,7 @@ from omni_core import (
     Variant, decode, decode_latent, generate,
 )
 from omni_core.memory import DeviceMemory, module_bytes
+from omni_core.source import ModelSource
 
 REQUEST = GenerationRequest(prompt="a red circle", seed=3, steps=3, cfg=1.0, width=64, height=64)
 
@@ -146,14 +147,13 @@ def test_out_of_memory_while_loading_releases_ours_and_reaches_the_host_as_oom(m
     held, _ = store.get(_spec(model_dirs, "tiny-flux"))
     ref = weakref.ref(held.pipeline)
     del held
-    family = _spec(model_dirs).model_family
     error = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB") if failure == "cuda_oom"
              else RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
 
     def load(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(type(family), "load", load)
+    monkeypatch.setattr(ModelSource, "load_pipeline", load)
     with pytest.raises(torch.OutOfMemoryError) as info:
         store.get(_spec(model_dirs))
     if failure == "cuda_oom":
