@@ -91,10 +91,12 @@ class FilesSource:
         return index
 
     def _text_encoder_kinds(self) -> dict:
+        given = [attr for attr in ("text_encoder", "text_encoder_2") if attr in self.weights]
+        if not given:
+            return {}
         from .weights.text_encoders import text_encoder_kind
 
-        return {attr: text_encoder_kind(self.weights[attr]) for attr in ("text_encoder", "text_encoder_2")
-                if attr in self.weights}
+        return {attr: text_encoder_kind(self.weights[attr]) for attr in given}
 
     def has_component(self, component: str) -> bool:
         return component in self.model_index

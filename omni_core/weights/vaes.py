@@ -37,9 +37,8 @@ def strip_prefix(names) -> str:
 _WAN_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2": "conv1", "residual.3.gamma": "norm2.gamma",
                  "residual.6": "conv2", "shortcut": "conv_shortcut"}
 _WAN_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv", "encoder.conv1": "encoder.conv_in",
-            "decoder.conv1": "decoder.conv_in", "encoder.head.0.gamma": "encoder.norm_out.gamma",
-            "encoder.head.2": "encoder.conv_out", "decoder.head.0.gamma": "decoder.norm_out.gamma",
-            "decoder.head.2": "decoder.conv_out"}
+            "decoder.conv1": "decoder.conv_in", "encoder.head.0": "encoder.norm_out",
+            "encoder.head.2": "encoder.conv_out", "decoder.head.0": "decoder.norm_out", "decoder.head.2": "decoder.conv_out"}
 
 
 def _residual(rest: str) -> str:

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import flux, qwen_image, wan, z_image
+from . import files, flux, qwen_image, wan, z_image
 
 
 def builder_hash() -> str:
@@ -38,8 +38,14 @@ MODELS: dict[str, Callable[[], object]] = {
     "quant-flux": lambda: flux.build(width="quant"),
     "quant-wan21": lambda: wan.build(width="quant"),
     "quant-z-image": lambda: z_image.build(width="quant"),
+    # shaped like the released models where single files cannot say their own settings (see files.py)
+    "files-qwen-image": files.qwen_image,
+    "files-z-image": files.z_image,
+    "files-flux": files.flux,
+    "files-wan21": files.wan,
+    "files-wan22": lambda: files.wan(experts=2),
 }
-TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-")))
+TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-", "files-")))
 _STAMP = ".omni_tiny_model.json"
 
 # Trained models shipped in the repository (weights committed), linked into a models folder as they are.

@@ -1,0 +1,132 @@
+"""Random-weight pipelines shaped like the released models wherever a single file cannot tell its own settings,
+so that the same weights give the same pipeline from a diffusers folder and from ComfyUI-layout single files
+(tools/comfy_model_files.py writes those): the released schedulers and VAE statistics, head sizes that follow
+the released models' conventions (Wan 128; RoPE axes split as the released models split theirs), Wan with
+ComfyUI's fixed text width (4096) so that ComfyUI's own UNETLoader loads its file, and Wan-type VAEs in
+ComfyUI's fixed layout (16 latent channels, 4 stages of 2 residual blocks) so that ComfyUI's VAELoader does."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+    FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel, UniPCMultistepScheduler, WanPipeline,
+    WanTransformer3DModel, ZImagePipeline, ZImageTransformer2DModel,
+)
+
+from transformers import UMT5Config, UMT5EncoderModel
+
+from .flux import build as build_flux
+from .qwen_image import qwen_text_encoder
+from .tokenizer import QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
+from .wan import build as build_wan
+from .z_image import build as build_z_image
+
+QWEN_TEXT_WIDTH = 32
+
+
+def bf16_exact(pipeline):
+    """Every weight rounded to bf16 (kept in fp32): ComfyUI ships bf16 files, and a test comparing this folder with
+    its single files then compares the same weights."""
+    with torch.no_grad():
+        for module in pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    if tensor.is_floating_point():
+                        tensor.copy_(tensor.to(torch.bfloat16).float())
+    return pipeline
+
+
+def _rope(head: int, time_share: int) -> tuple[int, int, int]:
+    frames = head // time_share
+    return frames, (head - frames) // 2, (head - frames) // 2
+
+
+def _wan_vae(cls):
+    # ComfyUI's WanVAE fixes everything but the base width.
+    return cls(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+
+
+def _narrow_ae() -> AutoencoderKL:
+    """The released ae's latent space (16 channels, its scaling and shift), narrowed."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 32], layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def qwen_image(seed: int = 0) -> QwenImagePipeline:
+    from omni_core.families.qwen_image import QWEN_SCHEDULER
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = qwen_text_encoder(QWEN_TEXT_WIDTH, 640)
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=QWEN_TEXT_WIDTH, guidance_embeds=False, axes_dims_rope=_rope(32, 8))
+    torch.manual_seed(seed + 2)
+    vae = _wan_vae(AutoencoderKLQwenImage)
+    return bf16_exact(QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer))
+
+
+def z_image(seed: int = 0) -> ZImagePipeline:
+    base = build_z_image(seed)
+    torch.manual_seed(seed + 1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=2, n_heads=2,
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=base.text_encoder.config.hidden_size, rope_theta=256.0,
+        t_scale=1000.0, axes_dims=list(_rope(32, 4)), axes_lens=[1536, 512, 512])
+    with torch.no_grad():
+        transformer.x_pad_token.normal_(0, 0.02)
+        transformer.cap_pad_token.normal_(0, 0.02)
+    torch.manual_seed(seed + 2)
+    return bf16_exact(ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=_narrow_ae(), text_encoder=base.text_encoder,
+        tokenizer=build_qwen_tokenizer(chat_template=QWEN3_CHAT_TEMPLATE, model_max_length=512), transformer=transformer))
+
+
+def flux(seed: int = 0) -> FluxPipeline:
+    base = build_flux(seed)
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=base.text_encoder_2.config.d_model, pooled_projection_dim=base.text_encoder.config.hidden_size,
+        guidance_embeds=True, axes_dims_rope=_rope(32, 8))
+    torch.manual_seed(seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return bf16_exact(FluxPipeline(scheduler=scheduler, vae=_narrow_ae(), text_encoder=base.text_encoder,
+                                   tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
+                                   tokenizer_2=base.tokenizer_2, transformer=transformer))
+
+
+def _wan_transformer() -> WanTransformer3DModel:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024)
+
+
+def wan(seed: int = 0, experts: int = 1) -> WanPipeline:
+    base = build_wan(seed)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(  # as wide as ComfyUI's Wan text input (UMT5-XXL's 4096)
+        d_model=4096, d_kv=16, d_ff=32, num_layers=2, num_heads=2, vocab_size=len(base.tokenizer),
+        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    torch.manual_seed(seed + 1)
+    transformer = _wan_transformer()
+    transformer_2 = None
+    if experts == 2:
+        torch.manual_seed(seed + 4)
+        transformer_2 = _wan_transformer()
+    torch.manual_seed(seed + 2)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=12.0 if experts == 2 else 3.0)
+    return bf16_exact(WanPipeline(tokenizer=base.tokenizer, text_encoder=text_encoder, vae=_wan_vae(AutoencoderKLWan),
+                                  scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+                                  boundary_ratio=0.875 if experts == 2 else None))
