@@ -166,6 +166,31 @@ def transformer_file_path(name: str) -> str | None:
     return folder_paths.get_full_path(folder, name)
 
 
+# Other single files: models/text_encoders (and models/clip) and models/vae, safetensors only.
+PART_FOLDERS = {"text_encoder": "text_encoders", "vae": "vae"}
+
+
+def part_files(kind: str) -> list[str]:
+    return sorted(name for name in folder_paths.get_filename_list(PART_FOLDERS[kind]) if name.endswith(".safetensors"))
+
+
+def part_file_path(kind: str, name: str) -> str | None:
+    return folder_paths.get_full_path(PART_FOLDERS[kind], name)
+
+
+def tokenizer_dirs() -> tuple[str, ...]:
+    """The tokenizers ComfyUI ships beside its own text encoders (Qwen2.5 / Qwen3, T5, UMT5 from the file, CLIP)."""
+    import comfy
+
+    comfy_dir = os.path.dirname(comfy.__file__)
+    found = []
+    for folder in (os.path.join(comfy_dir, "text_encoders"), comfy_dir):
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith("tokenizer")
+                      and os.path.isdir(os.path.join(folder, name))]
+    return tuple(found)
+
+
 # --- progress ---------------------------------------------------------------------------------------
 def preview_settings():
     """ComfyUI's --preview-method, as our previews: none -> off, latent2rgb -> the fitted linear map, auto and

@@ -16,9 +16,10 @@ import torch
 
 from .errors import InvalidInput, ModelLoadError
 from .families.facts import ReleasedDefaults, SingleFile
-from .weights import WeightsFile, gguf, open_weights
+from .single_file import load_denoiser
+from .weights import WeightsFile, open_weights
 from .weights.layouts import strip_comfy_prefix, to_diffusers
-from .weights.precision import install_fp8_linears, stored_state
+from .weights.precision import header_state, stored_state
 from .weights.vaes import latent_channels, vae_kind
 
 # The inputs each component comes from (for messages).
@@ -29,7 +30,7 @@ DENOISERS = ("transformer", "transformer_2")
 
 def transformer_shapes(weights: WeightsFile, layouts: tuple) -> dict[str, tuple[int, ...]]:
     """The diffusion model's tensor shapes in diffusers' keys (the file's layout converted on 'meta')."""
-    meta = strip_comfy_prefix(weights.meta_state())
+    meta = strip_comfy_prefix(header_state(weights))
     converted, _ = to_diffusers(meta, layouts)
     return {key: tuple(value.shape) for key, value in converted.items() if not key.endswith(".weight_scale")}
 
@@ -178,21 +179,8 @@ class FilesSource:
     def load_denoiser(self, component: str, dtype: torch.dtype, fp8_matmul: bool = False) -> torch.nn.Module:
         """A diffusion model from its file: fp8 layers stay fp8 (with the file's scales), GGUF stays quantized."""
         weights = self.weights[component]
-        model = self.empty_component(component)
         state, _ = to_diffusers(strip_comfy_prefix(stored_state(weights, dtype)), self.family.single_file_layouts)
-        if weights.format == "gguf":
-            return gguf.install(model, state, dtype)
-        install_fp8_linears(model, state, fp8_matmul)
-        missing = set(model.state_dict()) - set(state) - {n for n, m in model.named_modules() for n in ()}
-        unexpected = set(state) - set(model.state_dict())
-        if unexpected:
-            raise ModelLoadError(f"{INPUTS[component]}: {weights.name} has '{sorted(unexpected)[0]}', which a "
-                                 f"{self.facts.transformer_class} of this size does not use.")
-        model.load_state_dict(state, strict=False, assign=True)
-        left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-        if left:
-            raise ModelLoadError(f"{INPUTS[component]}: {weights.name} lacks '{left[0]}' ({len(missing)} tensors missing).")
-        return model.eval()
+        return load_denoiser(self.empty_component(component), weights, state, dtype, fp8_matmul, INPUTS[component])
 
     def load_component(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
         if component == "vae":
@@ -238,7 +226,7 @@ def family_for_files(files: dict[str, Path], families) -> object:
     """The family whose single-file markers the diffusion model file has (ModelLoadError when none does)."""
     weights = open_weights(files["transformer"])
     weights.check("model")
-    keys = set(strip_comfy_prefix(weights.meta_state()))
+    keys = set(strip_comfy_prefix(header_state(weights)))
     for family in families:
         if family.single_file is not None and any(marker in keys for marker in family.single_file.markers):
             return family

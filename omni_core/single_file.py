@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .source import ModelSource
 from .weights import WeightsFile, gguf, open_weights
-from .weights.layouts import to_diffusers
+from .weights.layouts import strip_comfy_prefix, to_diffusers
+from .weights.precision import dequantize_rest, header_state, install_fp8_linears, stored_state, without_scales
 
 
 def _first_mismatch(state: dict, expected: dict) -> str | None:
@@ -28,11 +28,11 @@ def _first_mismatch(state: dict, expected: dict) -> str | None:
     return None
 
 
-def _fitted(family, source: ModelSource, attr: str, weights: WeightsFile, state: dict, model: torch.nn.Module) -> dict:
+def _fitted(family, source, attr: str, weights: WeightsFile, state: dict, model: torch.nn.Module) -> dict:
     """The file's state in diffusers keys, or an error naming the file and its first key that does not fit."""
     state, layout = to_diffusers(state, family.single_file_layouts)
     expected = {key: value.shape for key, value in model.state_dict().items()}
-    mismatch = _first_mismatch(state, expected)
+    mismatch = _first_mismatch(without_scales(state), expected)
     if mismatch:
         raise ModelLoadError(
             f"{attr}_file: {weights.name} does not fit the {attr} of '{source.name}' ({type(model).__name__}); read "
@@ -41,21 +41,38 @@ def _fitted(family, source: ModelSource, attr: str, weights: WeightsFile, state:
     return state
 
 
-def check_transformer_file(family, source: ModelSource, attr: str, path: str | Path) -> None:
+def check_transformer_file(family, source, attr: str, path: str | Path) -> None:
     """Checks that the file is intact, of supported types, and fits the component, from its header alone
     (tensors on 'meta')."""
     weights = open_weights(path)
     weights.check(f"{attr}_file")
-    _fitted(family, source, attr, weights, weights.meta_state(), source.empty_component(attr))
+    _fitted(family, source, attr, weights, strip_comfy_prefix(header_state(weights)), source.empty_component(attr))
 
 
-def load_transformer_file(family, source: ModelSource, attr: str, path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+def load_denoiser(model: torch.nn.Module, weights: WeightsFile, state: dict, dtype: torch.dtype, fp8_matmul: bool,
+                  input_name: str) -> torch.nn.Module:
+    """`state` (diffusers keys, from stored_state) into the empty `model`: GGUF layers stay quantized, fp8 layers
+    stay fp8 (FP8Linear with the file's scales), every other tensor at `dtype`."""
+    if weights.format == "gguf":
+        return gguf.install(model, state, dtype)
+    install_fp8_linears(model, state, fp8_matmul)
+    dequantize_rest(state, dtype)
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise ModelLoadError(f"{input_name}: {weights.name} has '{unexpected[0]}', which this {type(model).__name__} "
+                             "does not use.")
+    model.load_state_dict(state, strict=False, assign=True)
+    left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if left:
+        raise ModelLoadError(f"{input_name}: {weights.name} lacks '{left[0]}' ({len(left)} tensor(s) missing).")
+    return model.eval()
+
+
+def load_transformer_file(family, source, attr: str, path: str | Path, dtype: torch.dtype,
+                          fp8_matmul: bool = False) -> torch.nn.Module:
     """`attr` is the pipeline component the file replaces ("transformer", or "transformer_2" for Wan 2.2)."""
     weights = open_weights(path)
     weights.check(f"{attr}_file")
     model = source.empty_component(attr)
-    state = _fitted(family, source, attr, weights, weights.read_state(), model)
-    if weights.format == "gguf":
-        return gguf.install(model, state, dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dtype).eval()
+    state = _fitted(family, source, attr, weights, strip_comfy_prefix(stored_state(weights, dtype)), model)
+    return load_denoiser(model, weights, state, dtype, fp8_matmul, f"{attr}_file")

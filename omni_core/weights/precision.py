@@ -50,7 +50,7 @@ def precision_of(weights: WeightsFile) -> Precision:
         floats = [info.dtype for info in weights.tensors.values() if info.dtype in ("BF16", "F16", "F32")]
         most = max(set(floats), key=floats.count) if floats else "F32"
         return Precision({"BF16": "bf16", "F16": "fp16", "F32": "fp32"}[most], 0)
-    if "scaled_fp8" in weights.tensors:
+    if any(name == "scaled_fp8" or name.endswith(".scaled_fp8") for name in weights.tensors):
         return Precision("fp8_scaled", len(fp8))
     if "_quantization_metadata" in weights.metadata or any(n.endswith(".comfy_quant") for n in weights.tensors):
         return Precision("mixed", len(fp8))
@@ -75,6 +75,25 @@ def _declared_formats(weights: WeightsFile, state: dict) -> dict[str, str]:
             except (ValueError, AttributeError):
                 raise ModelLoadError(f"{weights.name}: {key} is not a quantization declaration.") from None
     return declared
+
+
+def without_scales(state: dict) -> dict:
+    """The state without the normalised fp8 scales (for comparing its keys with a model's)."""
+    return {key: value for key, value in state.items() if not key.endswith(f".{SCALE}")}
+
+
+def header_state(weights: WeightsFile) -> dict[str, torch.Tensor]:
+    """The file's tensors as 'meta' tensors in the normalised form (scales per row, markers dropped), from the
+    header alone."""
+    state = {}
+    for name, tensor in weights.meta_state().items():
+        layer, leaf = _layer(name)
+        if name == "scaled_fp8" or leaf in _DROPPED or leaf in _SCALE_SPELLINGS:
+            continue
+        state[name] = tensor
+        if leaf == "weight" and weights.tensors[name].dtype in FP8_DTYPES and tensor.ndim == 2:
+            state[f"{layer}.{SCALE}"] = torch.empty(tensor.shape[0], 1, device="meta")
+    return state
 
 
 def stored_state(weights: WeightsFile, dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None,
@@ -114,6 +133,14 @@ def stored_state(weights: WeightsFile, dtype: torch.dtype, state: dict[str, torc
         else:
             out[key] = tensor
     return out
+
+
+def dequantize_rest(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Fp8 tensors left in `state` (not a linear layer's weight, e.g. an embedding table) at `dtype`, in place."""
+    for key in [k for k, v in state.items() if v.dtype in FP8_DTYPES.values()]:
+        layer, _ = _layer(key)
+        scale = state.pop(f"{layer}.{SCALE}", torch.ones(()))
+        state[key] = (state[key].float() * scale.float().reshape(-1, *([1] * (state[key].ndim - 1)))).to(dtype)
 
 
 def install_fp8_linears(model: torch.nn.Module, state: dict[str, torch.Tensor], fp8_matmul: bool) -> int:
