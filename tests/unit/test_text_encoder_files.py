@@ -158,6 +158,17 @@ def test_fp8_files_stay_fp8_in_memory(files, kind):
     assert fp8.dtype == torch.bfloat16  # what pipelines read as the encoder's dtype
 
 
+def test_fp8_matmul_multiplies_in_fp8(files):
+    """w8a8: the activations are quantized to fp8 too; close to the weight-only product, not equal to it."""
+    path, _ = files("t5-xxl", "fp8_scaled")
+    weight_only = KINDS["t5-xxl"].load(open_weights(path), torch.float32)
+    w8a8 = KINDS["t5-xxl"].load(open_weights(path), torch.float32, fp8_matmul=True)
+    assert all(m.fp8_matmul for m in w8a8.modules() if isinstance(m, FP8Linear))
+    ours, theirs = (_pipeline_states("t5-xxl", m, _ids("t5-xxl"))[0] for m in (w8a8, weight_only))
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert 0 < error < 0.1
+
+
 def test_fp16_file_keeps_t5_feed_forward_output_in_fp32(files):
     """As transformers' from_pretrained does in fp16 (T5's `_keep_in_fp32_modules`)."""
     path, reference = files("t5-xxl", "fp16")
