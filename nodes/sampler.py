@@ -5,6 +5,7 @@ from dataclasses import replace
 from comfy_api.latest import io, ui
 
 from ..omni_core import GenerationRequest, OmniPipe, generate
+from ..omni_core.conditioning import portable_conditioning
 from ..omni_core.families import FAMILIES
 from ..omni_core.images import tensor_to_pil
 from ..omni_core.settings import settings_of
@@ -46,6 +47,13 @@ class OmniSampler(OmniNode):
                 io.Image.Input("image_2", optional=True, tooltip="Qwen-Image-Edit-Plus: another reference image (any size)."),
                 io.Image.Input("image_3", optional=True, tooltip="Qwen-Image-Edit-Plus: a third reference image (any size)."),
                 *_request_inputs(_FAMILY_VALUES),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="ComfyUI's CONDITIONING (CLIPTextEncode, TextEncodeQwenImageEdit, FluxGuidance, "
+                                              "...) in place of the prompt text: what a pipe without a text encoder file "
+                                              "needs. Flux takes its guidance from it (3.5 unless FluxGuidance set one)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The negative prompt's CONDITIONING, used when cfg > 1 (an empty prompt's "
+                                              "encoding is fine)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -57,13 +65,16 @@ class OmniSampler(OmniNode):
         )
 
     @classmethod
-    def run(cls, pipe: OmniPipe, image=None, image_2=None, image_3=None, **values) -> io.NodeOutput:
+    def run(cls, pipe: OmniPipe, image=None, image_2=None, image_3=None, positive=None, negative=None,
+            **values) -> io.NodeOutput:
         given = [tensor for tensor in (image, image_2, image_3) if tensor is not None]
         if "images" in pipe.spec.model_family.uses:
             images = {"images": tuple(pil for tensor in given for pil in tensor_to_pil(tensor))}
         else:  # never converted (a large batch would only take memory), only noted as ignored
             images = {"ignored_images": sum(len(tensor) for tensor in given)}
-        request = GenerationRequest(**images, **values)  # inputs a saved prompt lacks: the defaults
+        prompts = {name: portable_conditioning(value, name) for name, value in
+                   (("positive", positive), ("negative", negative)) if value is not None}
+        request = GenerationRequest(**images, **prompts, **values)  # inputs a saved prompt lacks: the defaults
         result = generate(pipe, request, STORE, on_step=step_listener(request.steps), previews=preview_settings(),
                           check_cancel=check_cancel)
         return io.NodeOutput({"samples": result.latent.cpu()}, result.report.to_json(),

@@ -72,6 +72,28 @@ def _embeds(family: str, cond: torch.Tensor, extras: dict, to) -> dict:
 
 
 CONDITIONING_FAMILIES = ("qwen-image", "qwen-image-edit", "z-image", "wan", "flux")
+# The extras a pipeline run applies; any other (areas, masks, ControlNets, hooks, timestep ranges) would be lost.
+APPLIED_EXTRAS = ("pooled_output", "attention_mask", "guidance")
+
+
+def portable_conditioning(conditioning, input_name: str) -> list:
+    """A CONDITIONING checked for what a pipeline run applies, reduced to its tensor and the extras it uses (so it
+    can travel to worker ranks). Extras that would be silently lost are refused, naming the key."""
+    cond, extras = _single(conditioning, input_name)
+    kept = {}
+    for key, value in extras.items():
+        if value is None or key in APPLIED_EXTRAS:
+            if value is not None:
+                kept[key] = value
+            continue
+        if key == "reference_latents":
+            raise InvalidInput(input_name, "carries reference_latents (an edit node given a VAE): the Sampler "
+                               "encodes the edit images itself.", "the text encode node without a vae input, and "
+                               "the images on the Sampler's image inputs")
+        raise InvalidInput(input_name, f"carries '{key}' (set by a conditioning node), which a pipeline run cannot "
+                           "apply.", "a text encode's output, optionally through FluxGuidance; for areas, masks, "
+                           "ControlNet or hooks use KSampler with TeaCache / Cache-DiT on the MODEL")
+    return [[cond, kept]]
 
 
 def pipeline_prompt_arguments(family: str, positive, negative=None, dtype: torch.dtype = torch.bfloat16,

@@ -88,7 +88,7 @@ class FilesSource:
         if "vae" in self.weights:
             index["vae"] = ["diffusers", released.vae_class]
         for attr, kind in self._text_encoder_kinds().items():
-            index[attr] = ["transformers", kind.class_name]
+            index[attr] = ["transformers", kind.model_class]
         return index
 
     def _text_encoder_kinds(self) -> dict:
@@ -97,7 +97,7 @@ class FilesSource:
             return {}
         from .weights.text_encoders import text_encoder_kind
 
-        return {attr: text_encoder_kind(self.weights[attr]) for attr in given}
+        return {attr: text_encoder_kind(self.weights[attr], INPUTS[attr]) for attr in given}
 
     def has_component(self, component: str) -> bool:
         return component in self.model_index
@@ -115,7 +115,7 @@ class FilesSource:
             return self.scheduler_config()
         kinds = self._text_encoder_kinds()
         if component in kinds:
-            return kinds[component].config(self.weights[component]).to_dict()
+            return kinds[component].config(self.weights[component], input_name=INPUTS[component]).to_dict()
         raise ModelLoadError(f"model: '{self.name}' has no {component}.")
 
     def _released_vae(self) -> dict:
@@ -152,14 +152,22 @@ class FilesSource:
             weights.check(INPUTS[component])
         config = self.transformer_config
         if "vae" in self.weights:
+            kind = vae_kind(self.weights["vae"])
+            if self.released.vae_class not in kind.diffusers_classes:
+                raise InvalidInput("vae_file", f"{self.weights['vae'].name} is a {kind.name}-type VAE; "
+                                   f"{self.family_name} models decode with a {self.released.vae_class}.",
+                                   f"the VAE of this {self.family_name} model")
             channels = latent_channels(self.weights["vae"])
             expected = self.family.latent_channels_of(config)
             if channels != expected:
                 raise InvalidInput("vae_file", f"{self.weights['vae'].name} makes {channels}-channel latents, but "
                                    f"{self.weights['transformer'].name} denoises {expected}-channel ones.",
                                    f"the VAE of this {self.family_name} model")
+        from .weights.text_encoders import check_readable, hidden_size
+
         for attr, kind in self._text_encoder_kinds().items():
-            width = kind.hidden_size(self.weights[attr])
+            check_readable(self.weights[attr], INPUTS[attr])
+            width = hidden_size(self.weights[attr])
             expected = self.family.text_width_of(config, attr)
             if width != expected:
                 raise InvalidInput(INPUTS[attr], f"{self.weights[attr].name} encodes {width}-wide text embeddings, but "
@@ -212,8 +220,8 @@ class FilesSource:
         for index, attr in enumerate(("text_encoder", "text_encoder_2")[: len(released.text_encoders)]):
             tokenizer = "tokenizer" if index == 0 else "tokenizer_2"
             if attr in kinds:
-                parts[attr] = kinds[attr].load(self.weights[attr], dtype, fp8_matmul)
                 parts[tokenizer] = kinds[attr].tokenizer(self.weights[attr], self.tokenizer_dirs)
+                parts[attr] = kinds[attr].load(self.weights[attr], dtype, fp8_matmul, parts[tokenizer], INPUTS[attr])
             else:
                 parts[attr], parts[tokenizer] = None, None
         pipeline = getattr(diffusers, released.pipeline_class)(**parts, **released.pipeline_config)

@@ -43,6 +43,9 @@ class GenerationRequest:
     images: tuple[Image.Image, ...] = field(default=(), compare=False, repr=False)
     # Images given to a family that takes none: counted for the report's note, never converted.
     ignored_images: int = field(default=0, compare=False)
+    # ComfyUI's CONDITIONING ([[tensor, dict]]) in place of the prompt texts (see omni_core/conditioning.py).
+    positive: list | None = field(default=None, compare=False, repr=False)
+    negative: list | None = field(default=None, compare=False, repr=False)
     num_frames: int = setting(
         int, 81, "Video families (Wan): frames to generate, 4k+1 (e.g. 81 = 5 s at 16 fps). Image families ignore "
         "it.", min=1, max=1025, step=4, optional=True)
@@ -69,10 +72,13 @@ class GenerationRequest:
 
     def describe(self, uses: frozenset[str]) -> dict[str, object]:
         """The request for the report: the common inputs, and the family inputs only where the family uses them."""
-        skipped = {"prompt", "negative_prompt", "images", "ignored_images"} | (set(self.VALUE_FAMILY_INPUTS) - uses)
+        skipped = {"prompt", "negative_prompt", "images", "ignored_images", "positive", "negative"} | (
+            set(self.VALUE_FAMILY_INPUTS) - uses)
         described = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if "images" in uses:
             described["input_images"] = len(self.images)
+        if self.positive is not None:
+            described["prompt_from"] = "CONDITIONING"
         return described
 
     def check(self) -> None:

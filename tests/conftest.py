@@ -27,7 +27,26 @@ def model_dirs() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, model_dirs):
+def comfy_files(model_dirs) -> Path:
+    """The files-* test models as ComfyUI users have them (tools/comfy_model_files.py): a models folder with
+    diffusion_models/, vae/ and text_encoders/, built once."""
+    from tools.comfy_model_files import build_test_files
+
+    folders = [path for name, path in model_dirs.items() if name.startswith("files-")]
+    return build_test_files(folders, MODELS_CACHE / "comfy-files")
+
+
+def link_model_files(models: Path, files: Path) -> None:
+    """Each file of a models folder linked into the server's own (ComfyUI lists only what it finds there)."""
+    for kind in files.iterdir():
+        if kind.is_dir():
+            (models / kind.name).mkdir(parents=True, exist_ok=True)
+            for path in kind.iterdir():
+                (models / kind.name / path.name).symlink_to(path, target_is_directory=path.is_dir())
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, model_dirs, comfy_files):
     from tools.comfy_harness import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy-base")
@@ -35,6 +54,7 @@ def comfy(tmp_path_factory, model_dirs):
     diffusers_dir.mkdir(parents=True)
     for name, path in model_dirs.items():
         (diffusers_dir / name).symlink_to(path, target_is_directory=True)
+    link_model_files(base / "models", comfy_files)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
     # Previews as `make serve` has them, but one every step (no time throttle), so tests can count them.

@@ -124,7 +124,7 @@ def _spiece_model() -> bytes:
     return out.getvalue()
 
 
-def _tiny_tokenizer(kind: str):
+def tiny_tokenizer(kind: str):
     from tools.tiny_models.tokenizer import (
         QWEN3_CHAT_TEMPLATE,
         build_clip_tokenizer,
@@ -192,7 +192,7 @@ def write_text_encoder(kind: str, path: str | Path, precision: str = "bf16", see
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     if tokenizer:
-        _tiny_tokenizer(kind).save_pretrained(str(path.with_name(path.stem + ".tokenizer")))
+        tiny_tokenizer(kind).save_pretrained(str(path.with_name(path.stem + ".tokenizer")))
 
     with torch.no_grad():
         for name, value in meant.items():

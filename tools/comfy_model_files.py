@@ -16,14 +16,18 @@ It imports ComfyUI, so it runs in its own process:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 FP8 = torch.float8_e4m3fn
 
 
@@ -258,15 +262,68 @@ def write_pipeline_files(folder: Path, dit: Path | None = None, dit2: Path | Non
         write(vae, vae_in_comfy_layout(model)[1] | {}, None)
 
 
+def write_test_files(folder: Path, out: Path) -> list[Path]:
+    """A files-* test model (tools/tiny_models/files.py) as a ComfyUI user has it, under `out`'s models folders:
+    diffusion_models/NAME.safetensors (bf16) and NAME-fp8_scaled.safetensors (Wan 2.2: NAME-low... for the
+    low-noise expert), vae/NAME-vae.safetensors, text_encoders/NAME-KIND.safetensors with a tokenizer beside."""
+    from tools.comfy_files import write_text_encoder
+    from tools.tiny_models.files import TEXT_ENCODERS
+
+    name = Path(folder).name
+    two = (Path(folder) / "transformer_2").is_dir()
+    written = []
+    for precision, suffix in (("bf16", ""), ("fp8_scaled", "-fp8_scaled")):
+        dit = out / "diffusion_models" / f"{name}{suffix}.safetensors"
+        dit2 = out / "diffusion_models" / f"{name}-low{suffix}.safetensors" if two else None
+        write_pipeline_files(folder, dit, dit2, None, precision)
+        written += [p for p in (dit, dit2) if p]
+    vae = out / "vae" / f"{name}-vae.safetensors"
+    write_pipeline_files(folder, vae=vae)
+    written.append(vae)
+    for kind, seed in TEXT_ENCODERS[name]:
+        path = out / "text_encoders" / f"{name}-{kind}.safetensors"
+        write_text_encoder(kind, path, "bf16", seed, tokenizer=True)
+        written.append(path)
+    return written
+
+
+def build_test_files(folders: list[Path], out: Path) -> Path:
+    """Every files-* test model's set (write_test_files) under `out`, written in a ComfyUI process and reused while
+    the writers and the model builders are unchanged."""
+    from tools.tiny_models import builder_hash
+
+    digest = hashlib.sha256(builder_hash().encode())
+    for path in (Path(__file__), ROOT / "tools" / "comfy_files.py"):
+        digest.update(path.read_bytes())
+    stamp = {"folders": sorted(Path(f).name for f in folders), "writers": digest.hexdigest()[:16]}
+    stamp_path = out / ".omni_comfy_files.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([sys.executable, str(Path(__file__)), *map(str, folders), "--test-files", str(tmp)], check=True)
+    (tmp / stamp_path.name).write_text(json.dumps(stamp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="+")
     parser.add_argument("--dit", type=Path)
     parser.add_argument("--dit2", type=Path)
     parser.add_argument("--vae", type=Path)
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "fp8_scaled", "mixed"))
+    parser.add_argument("--test-files", type=Path, help="write a files-* test model's whole set under this folder")
     args = parser.parse_args(argv)
-    write_pipeline_files(args.folder, args.dit, args.dit2, args.vae, args.precision)
+    if args.test_files:
+        for folder in args.folder:
+            write_test_files(folder, args.test_files)
+    elif len(args.folder) == 1:
+        write_pipeline_files(args.folder[0], args.dit, args.dit2, args.vae, args.precision)
+    else:
+        parser.error("one folder at a time, except with --test-files")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..conditioning import pipeline_prompt_arguments
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
@@ -83,6 +84,13 @@ class ModelFamily:
 
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         request.check()
+        if request.positive is None and not source.has_component("text_encoder"):
+            raise InvalidInput("positive", f"'{source.name}' has no text encoder (no text_encoder_file): the prompt "
+                               "comes as ComfyUI's CONDITIONING.", "a CLIPTextEncode (or the family's text encode "
+                               "node) output, or a text_encoder_file on Omni Loader")
+        if request.positive is not None and request.cfg > 1 and request.negative is None:
+            raise InvalidInput("negative", f"cfg {request.cfg} turns CFG on, which needs the negative prompt's "
+                               "CONDITIONING too.", "a CONDITIONING (an empty prompt's encoding is fine), or cfg 1")
         if request.steps == 1 and source.scheduler_config().get("shift_terminal"):
             raise InvalidInput(
                 "steps", "1 step cannot work with this model's scheduler: its shift_terminal stretch divides by "
@@ -129,10 +137,14 @@ class ModelFamily:
         if not cfg_on and request.negative_prompt:
             notes.append(f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}")
         guidance, guidance_notes = self.guidance(pipeline, request)
+        prompt = self.prompt_arguments(pipeline, request, cfg_on)
+        conditioned_guidance = prompt.pop("guidance_scale", None)
+        if conditioned_guidance is not None and "guidance_scale" in guidance:  # Flux: FluxGuidance's value wins
+            guidance["guidance_scale"] = conditioned_guidance
+            if request.is_given("guidance"):
+                notes.append("guidance ignored: the CONDITIONING carries its own (FluxGuidance or 3.5)")
         kwargs = {
-            "prompt": request.prompt,
-            # Pipelines run CFG only when a negative prompt is given (an empty one is valid).
-            "negative_prompt": request.negative_prompt if cfg_on else None,
+            **prompt,
             "num_inference_steps": request.steps,
             "height": request.height,
             "width": request.width,
@@ -141,6 +153,14 @@ class ModelFamily:
             **guidance,
         }
         return PipelineCall(kwargs, notes + guidance_notes, self.transformer_calls_per_step(request))
+
+    def prompt_arguments(self, pipeline, request: GenerationRequest, cfg_on: bool) -> dict:
+        """The prompt, as text for the pipeline's own text encoder or as ComfyUI's CONDITIONING."""
+        if request.positive is None:
+            # Pipelines run CFG only when a negative prompt is given (an empty one is valid).
+            return {"prompt": request.prompt, "negative_prompt": request.negative_prompt if cfg_on else None}
+        return pipeline_prompt_arguments(self.name, request.positive, request.negative if cfg_on else None,
+                                         compute_dtype(pipeline.transformer), pipeline.transformer.device)
 
     # --- sizes, from the config (no weights loaded) -------------------------------------------------
     def block_count(self, source: ModelSource) -> int:
@@ -216,6 +236,13 @@ class ModelFamily:
     def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
         """How many denoising steps each denoiser runs."""
         return {"transformer": request.steps}
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its first full-precision floating tensor's (fp8 and GGUF layers store
+    weights in other types)."""
+    return next((t.dtype for t in module.parameters() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)),
+                torch.float32)
 
 
 def vae_config(pipeline):

@@ -19,6 +19,7 @@ from ..recipe import Accelerator
 from ..settings import setting
 from ..weights import open_weights
 from ..weights.fp8_linear import FP8Linear, NonFiniteWeights, can_multiply_in_fp8
+from ..weights.precision import precision_of
 
 MODES = ("auto", "w8a8", "weight_only")
 SCALES = ("per_tensor", "per_channel")
@@ -103,6 +104,12 @@ def _bytes_with_bf16_rest(module: torch.nn.Module) -> int:
                for key, t in tensors.items())
 
 
+def _stored_fp8(spec) -> bool:
+    """Whether the pipe's DiT file(s) already store linear layers in fp8."""
+    return any(precision_of(open_weights(path)).fp8_layers for attr, path in spec.files
+               if attr in spec.model_family.denoiser_attrs)
+
+
 def _tensors(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
@@ -168,6 +175,8 @@ class FP8Quantize(Accelerator):
 
     # --- load time --------------------------------------------------------------------------------
     def component_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:
+        if _stored_fp8(spec):
+            return components  # the file's FP8 layers are used as stored
         family = spec.model_family
         float_bytes = DTYPE_BYTES[spec.dtype]
         components = dict(components)
@@ -186,6 +195,9 @@ class FP8Quantize(Accelerator):
     def prepare(self, loading) -> None:
         family, spec = loading.family, loading.spec
         fp8_matmul, used, why = self.compute(spec.device)
+        if _stored_fp8(spec):
+            self._use_stored(loading, fp8_matmul, used, why)
+            return
         per_channel = self.scale == "per_channel"
         before = after = bf16 = after_bf16 = 0
         quantized, kept, fallbacks = [], {}, []
@@ -234,6 +246,23 @@ class FP8Quantize(Accelerator):
                 f"FP8 Quantize: ignored_layers {', '.join(repr(p) for p in plan.unmatched)} matched no linear layer "
                 f"of this {family.name} model (layer names look like {', '.join(examples)})"
             )
+
+    def _use_stored(self, loading, fp8_matmul: bool, used: str, why: str) -> None:
+        """A DiT file stored in fp8 (fp8, fp8_scaled, mixed) keeps its own FP8 layers and scales, as ComfyUI does:
+        re-quantizing would only add rounding. This node then decides how they multiply."""
+        layers = [m for d in loading.family.denoisers(loading.pipeline).values() for m in d.modules()
+                  if isinstance(m, FP8Linear)]
+        device = torch.device(loading.spec.device)
+        for layer in layers:
+            layer.fp8_matmul = fp8_matmul and can_multiply_in_fp8(layer.in_features, layer.out_features, device)
+        loading.prepared[self.kind] = {
+            "method": "fp8 (e4m3fn), as stored in the file", "mode": used, "mode_requested": self.mode, "why": why,
+            "scale": "the file's", "layers_quantized": 0, "layers_fp8_in_file": len(layers),
+            "multiplied_in_fp8": sum(layer.fp8_matmul for layer in layers),
+        }
+        if self.scale != "per_tensor" or self.ignored_layers:
+            loading.notes.append("FP8 Quantize: scale and ignored_layers do not apply to a diffusion model file "
+                                 "stored in fp8; its own FP8 layers and scales are used")
 
     # --- run time ---------------------------------------------------------------------------------
     @contextmanager

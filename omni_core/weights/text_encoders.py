@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .file import FLOAT_DTYPES, WeightsFile
-from .precision import FP8_DTYPES, SCALE, install_fp8_linears, stored_state
+from .precision import dequantize_rest, install_fp8_linears, stored_state
 
 INPUT = "text_encoder_file"
 Shapes = dict[str, tuple[int, ...]]
@@ -235,7 +235,7 @@ class TextEncoderKind:
         state = self._class_state(weights.read_state(), _file_prefix(weights.tensors))
         state = _stored(weights, state, model, dtype)
         install_fp8_linears(model, state, fp8_matmul)
-        _dequantize_rest(state, dtype)
+        dequantize_rest(state, dtype)
         try:
             unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         except RuntimeError as exc:  # a size mismatch: the file's layers differ in size
@@ -520,15 +520,8 @@ def _stored(weights: WeightsFile, state: dict[str, torch.Tensor], model: torch.n
     out = stored_state(weights, dtype, state=state)
     if kept:
         kept = stored_state(weights, kept_dtype, state=kept)
-        _dequantize_rest(kept, kept_dtype)
+        dequantize_rest(kept, kept_dtype)
         out.update(kept)
     return out
 
 
-def _dequantize_rest(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """fp8 weights no FP8Linear took (embeddings stored in fp8), multiplied by their scale, in `dtype`."""
-    for key in [k for k, v in state.items() if v.dtype in FP8_DTYPES.values()]:
-        layer = key.rpartition(".")[0]
-        scale = state.pop(f"{layer}.{SCALE}", None)
-        weight = state[key].float()
-        state[key] = (weight if scale is None else weight * scale).to(dtype)

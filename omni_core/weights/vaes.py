@@ -141,6 +141,7 @@ class VaeKind:
     marker: str  # a key only this layout has (prefix stripped)
     config: Callable[[Shapes, dict], dict]  # (the file's shapes, family defaults) -> diffusers config
     to_diffusers: Callable[[dict, dict], dict]  # (the file's state, config) -> diffusers keys
+    diffusers_classes: tuple[str, ...]  # the diffusers VAE classes this layout is
 
     def read_config(self, weights: WeightsFile, defaults: dict) -> dict:
         return self.config(file_shapes(weights), defaults)
@@ -158,8 +159,9 @@ def _wan_config_from_file(shapes: Shapes, defaults: dict) -> dict:
 
 
 KINDS = (
-    VaeKind("wan", "decoder.middle.0.residual.0.gamma", _wan_config_from_file, lambda state, config: wan_to_diffusers(state)),
-    VaeKind("kl", "decoder.up.0.block.0.conv1.weight", _kl_config, _kl_to_diffusers),
+    VaeKind("wan", "decoder.middle.0.residual.0.gamma", _wan_config_from_file, lambda state, config: wan_to_diffusers(state),
+            ("AutoencoderKLWan", "AutoencoderKLQwenImage")),
+    VaeKind("kl", "decoder.up.0.block.0.conv1.weight", _kl_config, _kl_to_diffusers, ("AutoencoderKL",)),
 )
 
 

@@ -7,6 +7,9 @@ ComfyUI's fixed layout (16 latent channels, 4 stages of 2 residual blocks) so th
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 from diffusers import (
     AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, FluxPipeline,
@@ -16,13 +19,7 @@ from diffusers import (
 
 from transformers import UMT5Config, UMT5EncoderModel
 
-from .flux import build as build_flux
-from .qwen_image import qwen_text_encoder
-from .tokenizer import QWEN3_CHAT_TEMPLATE, build_qwen_tokenizer
 from .wan import build as build_wan
-from .z_image import build as build_z_image
-
-QWEN_TEXT_WIDTH = 32
 
 
 def bf16_exact(pipeline):
@@ -52,32 +49,48 @@ def _narrow_ae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 32], layers_per_block=1,
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
-        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
     )
+
+
+# Each folder's text encoders are the test text-encoder files' own (tools/comfy_files.py, same seeds): the
+# single-file runs load those files, the folder holds the same weights.
+TEXT_ENCODERS = {"files-qwen-image": (("qwen2.5-vl", 11),), "files-z-image": (("qwen3", 12),),
+                 "files-flux": (("clip-l", 13), ("t5-xxl", 14)), "files-wan21": (), "files-wan22": ()}
+
+
+def text_encoder(kind: str, seed: int):
+    """The transformers model a bf16 text-encoder file of `kind` holds, and its tokenizer."""
+    from tools.comfy_files import tiny_tokenizer, write_text_encoder
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = write_text_encoder(kind, Path(folder) / "text_encoder.safetensors", "bf16", seed)
+    return model, tiny_tokenizer(kind)
 
 
 def qwen_image(seed: int = 0) -> QwenImagePipeline:
     from omni_core.families.qwen_image import QWEN_SCHEDULER
 
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = qwen_text_encoder(QWEN_TEXT_WIDTH, 640)
+    [(kind, te_seed)] = TEXT_ENCODERS["files-qwen-image"]
+    text_encoder_model, tokenizer = text_encoder(kind, te_seed)
     torch.manual_seed(seed + 1)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
-        joint_attention_dim=QWEN_TEXT_WIDTH, guidance_embeds=False, axes_dims_rope=_rope(32, 8))
+        joint_attention_dim=text_encoder_model.config.text_config.hidden_size, guidance_embeds=False,
+        axes_dims_rope=_rope(32, 8))
     torch.manual_seed(seed + 2)
     vae = _wan_vae(AutoencoderKLQwenImage)
     return bf16_exact(QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
-                                        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer))
+                                        text_encoder=text_encoder_model, tokenizer=tokenizer, transformer=transformer))
 
 
 def z_image(seed: int = 0) -> ZImagePipeline:
-    base = build_z_image(seed)
+    [(kind, te_seed)] = TEXT_ENCODERS["files-z-image"]
+    text_encoder_model, tokenizer = text_encoder(kind, te_seed)
     torch.manual_seed(seed + 1)
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=2, n_heads=2,
-        n_kv_heads=2, qk_norm=True, cap_feat_dim=base.text_encoder.config.hidden_size, rope_theta=256.0,
+        n_kv_heads=2, qk_norm=True, cap_feat_dim=text_encoder_model.config.hidden_size, rope_theta=256.0,
         t_scale=1000.0, axes_dims=list(_rope(32, 4)), axes_lens=[1536, 512, 512])
     with torch.no_grad():
         transformer.x_pad_token.normal_(0, 0.02)
@@ -85,24 +98,29 @@ def z_image(seed: int = 0) -> ZImagePipeline:
     torch.manual_seed(seed + 2)
     return bf16_exact(ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
-        vae=_narrow_ae(), text_encoder=base.text_encoder,
-        tokenizer=build_qwen_tokenizer(chat_template=QWEN3_CHAT_TEMPLATE, model_max_length=512), transformer=transformer))
+        vae=_narrow_ae(), text_encoder=text_encoder_model, tokenizer=tokenizer, transformer=transformer))
 
 
 def flux(seed: int = 0) -> FluxPipeline:
-    base = build_flux(seed)
+    (clip_kind, clip_seed), (t5_kind, t5_seed) = TEXT_ENCODERS["files-flux"]
+    clip, clip_tokenizer = text_encoder(clip_kind, clip_seed)
+    t5, t5_tokenizer = text_encoder(t5_kind, t5_seed)
+    # CLIP pools at its end token: this folder's must be its tokenizer's (as the loader of its file makes it).
+    clip.config.eos_token_id = clip_tokenizer.eos_token_id
+    for module in clip.modules():
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = clip_tokenizer.eos_token_id
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
-        joint_attention_dim=base.text_encoder_2.config.d_model, pooled_projection_dim=base.text_encoder.config.hidden_size,
-        guidance_embeds=True, axes_dims_rope=_rope(32, 8))
+        joint_attention_dim=t5.config.d_model, pooled_projection_dim=clip.config.hidden_size, guidance_embeds=True,
+        axes_dims_rope=_rope(32, 8))
     torch.manual_seed(seed + 3)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
-    return bf16_exact(FluxPipeline(scheduler=scheduler, vae=_narrow_ae(), text_encoder=base.text_encoder,
-                                   tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
-                                   tokenizer_2=base.tokenizer_2, transformer=transformer))
+    return bf16_exact(FluxPipeline(scheduler=scheduler, vae=_narrow_ae(), text_encoder=clip, tokenizer=clip_tokenizer,
+                                   text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer))
 
 
 def _wan_transformer() -> WanTransformer3DModel:
