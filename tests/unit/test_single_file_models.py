@@ -169,3 +169,56 @@ def test_unknown_and_truncated_diffusion_models_are_refused(comfy_files, tmp_pat
     truncated.write_bytes(source.read_bytes()[:-1000])
     with pytest.raises((InvalidInput, ModelLoadError), match="truncated"):
         LoadSpec.from_files({"transformer": str(truncated)}, "truncated.safetensors").check_files()
+
+
+def test_fp8_quantize_on_an_fp8_file_uses_the_files_layers(comfy_files, store):
+    from omni_core.quant.fp8 import FP8Quantize
+
+    spec = spec_of(comfy_files, "files-qwen-image", precision="fp8_scaled", text_encoders=False)
+    width = spec.model_family.text_width_of(spec.source.component_config("transformer"), "text_encoder")
+    pipe = OmniPipe(spec)
+    positive = [[torch.randn(1, 7, width, generator=torch.Generator().manual_seed(0)), {}]]
+    request = GenerationRequest(positive=positive, cfg=1.0, **IMAGE)
+    plain = generate(pipe, request, store)
+    quantized = generate(pipe.with_accelerator(FP8Quantize(scale="per_channel")), request, store)
+    section = quantized.report.sections["quantization"]
+    assert section["layers_quantized"] == 0 and section["layers_fp8_in_file"] > 0
+    assert section["mode"] == "weight_only" and section["multiplied_in_fp8"] == 0  # no FP8 unit on the CPU
+    assert any("do not apply to a diffusion model file stored in fp8" in n for n in quantized.report.notes)
+    assert torch.equal(quantized.latent, plain.latent)
+
+
+@pytest.mark.parametrize("name", ["files-flux", "files-wan22"])
+def test_accelerators_apply_to_single_file_models(comfy_files, store, name):
+    """The nodes a stack holds work on models from files as on folders: lossless ones leave the latent as it
+    was, lossy ones report what they skipped."""
+    from omni_core.cache.cachedit import CacheDiT
+    from omni_core.cache.teacache import TeaCache
+    from omni_core.offload.layerwise import LayerwiseOffload
+    from omni_core.quant.fp8 import FP8Quantize
+
+    family, size = FAMILIES[name]
+    spec = spec_of(comfy_files, name, text_encoders=False)
+    config = spec.source.component_config("transformer")
+    generator = torch.Generator().manual_seed(1)
+    if family == "flux":  # T5's tokens and CLIP-L's pooled vector
+        tokens = spec.model_family.text_width_of(config, "text_encoder_2")
+        extras = {"pooled_output": torch.randn(1, spec.model_family.text_width_of(config, "text_encoder"),
+                                                  generator=generator)}
+    else:
+        tokens, extras = spec.model_family.text_width_of(config, "text_encoder"), {}
+    positive = [[torch.randn(1, 9, tokens, generator=generator), extras]]
+    request = GenerationRequest(positive=positive, cfg=1.0, **dict(size, steps=6))
+    pipe = OmniPipe(spec)
+    plain = generate(pipe, request, store)
+    offloaded = generate(pipe.with_accelerator(LayerwiseOffload()), request, store)
+    assert torch.equal(offloaded.latent, plain.latent)
+    assert offloaded.report.sections["offload"]["resident_most"] >= 1
+
+    tea = generate(pipe.with_accelerator(TeaCache(rel_l1_thresh=5.0)), request, store).report.sections["tea_cache"]
+    assert 0 < tea["calls_skipped"] < tea["calls_computed"] + tea["calls_skipped"]
+    dit = generate(pipe.with_accelerator(CacheDiT(residual_diff_threshold=5.0, max_warmup_steps=1)), request, store)
+    cached = [d["cached_steps"] for d in dit.report.sections["cache_dit"]["denoisers"].values()]
+    assert any(cached)
+    fp8 = generate(pipe.with_accelerator(FP8Quantize()), request, store).report.sections["quantization"]
+    assert fp8["layers_quantized"] > 0 and fp8["dit_weight_bytes"]["ratio"] < 0.8  # small models keep much in full precision
