@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidInput
 from .memory import ActivationFloor, ActivationShares, refuse_if_too_large
 from .preview import PreviewSettings
 from .recipe import OmniPipe, Variant
@@ -61,4 +62,7 @@ def generate(pipe: OmniPipe, request: GenerationRequest, store: ModelStore, on_s
 
 def decode_latent(pipe: OmniPipe, samples: torch.Tensor, options: DecodeOptions, store: ModelStore) -> torch.Tensor:
     """The VAE Tiled Decode node's work: whatever holds this pipe's VAE decodes (a memory floor checked first)."""
+    if not pipe.spec.source.has_component("vae"):
+        raise InvalidInput("vae", f"'{pipe.spec.name}' was loaded without a VAE file.",
+                           "a ComfyUI VAE (Load VAE, or VAE Decode instead), or a vae_file on Omni Loader")
     return store.decoder(pipe).decode(samples, options)

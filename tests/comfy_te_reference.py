@@ -1,6 +1,7 @@
 """ComfyUI's own text encoders on ComfyUI-layout files, for tests/unit/test_text_encoder_files.py.
 
-Run in a fresh process with ComfyUI importable (CPU), cwd its folder:
+Run in a fresh process with ComfyUI importable (CPU), cwd its folder (the test server's OmniTestCLIPLoader uses
+load_clip the same way):
     python tests/comfy_te_reference.py spec.json
 spec: {"out": path, "cases": [{"name", "family": qwen-image | z-image | wan | flux, "files": [...], "prompt",
 "image": optional path of a torch-saved (H, W, 3) float image in [0, 1]}]}. For each case it loads the files
@@ -88,19 +89,26 @@ def _clip(family: str, state_dicts: list[dict]):
     return comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options=options)
 
 
-def run(case: dict) -> dict:
+def load_clip(family: str, paths: list[str]):
+    """ComfyUI's CLIP object for the files, as its CLIPLoader makes it (at the small size): (clip, missing keys,
+    unexpected keys)."""
     state_dicts = []
-    for path in case["files"]:
+    for path in paths:
         sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
         if metadata and "_quantization_metadata" in metadata:  # as comfy.sd.load_clip does
             sd["_quantization_metadata"] = metadata["_quantization_metadata"]
         state_dicts.append(sd)
-    clip = _clip(case["family"], state_dicts)
+    clip = _clip(family, state_dicts)
     missing, unexpected = [], []
     for sd in state_dicts:
         m, u = clip.load_sd(sd)
         missing += list(m)
         unexpected += list(u)
+    return clip, missing, unexpected
+
+
+def run(case: dict) -> dict:
+    clip, missing, unexpected = load_clip(case["family"], case["files"])
     images = [torch.load(case["image"])[None]] if case.get("image") else []
     tokens = clip.tokenize(case["prompt"], images=images) if images else clip.tokenize(case["prompt"])
     try:

@@ -36,25 +36,12 @@ def comfy_files(model_dirs) -> Path:
     return build_test_files(folders, MODELS_CACHE / "comfy-files")
 
 
-def link_model_files(models: Path, files: Path) -> None:
-    """Each file of a models folder linked into the server's own (ComfyUI lists only what it finds there)."""
-    for kind in files.iterdir():
-        if kind.is_dir():
-            (models / kind.name).mkdir(parents=True, exist_ok=True)
-            for path in kind.iterdir():
-                (models / kind.name / path.name).symlink_to(path, target_is_directory=path.is_dir())
-
-
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, model_dirs, comfy_files):
-    from tools.comfy_harness import ComfyServer
+    from tools.comfy_harness import ComfyServer, install_test_models
 
     base = tmp_path_factory.mktemp("comfy-base")
-    diffusers_dir = base / "models" / "diffusers"
-    diffusers_dir.mkdir(parents=True)
-    for name, path in model_dirs.items():
-        (diffusers_dir / name).symlink_to(path, target_is_directory=True)
-    link_model_files(base / "models", comfy_files)
+    install_test_models(base / "models", tuple(model_dirs))
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
     # Previews as `make serve` has them, but one every step (no time throttle), so tests can count them.

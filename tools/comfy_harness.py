@@ -64,6 +64,41 @@ def prepare_base_dir(base: Path) -> Path:
     return base
 
 
+TEST_MODELS_CACHE = BUILD / "test-models"
+
+
+def install_test_models(models: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """The project's small models in a ComfyUI models folder, built once under .build/test-models: diffusers
+    folders linked under diffusers/, except the files-* models, which come only as the single files ComfyUI users
+    have (diffusion_models/, text_encoders/, vae/; tools/comfy_model_files.py). Returns the folders built."""
+    from tools.comfy_model_files import build_test_files
+    from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models
+
+    folders = build_models(TEST_MODELS_CACHE / "diffusers", names or TEST_MODELS + (REFERENCE_MODEL,))
+    (models / "diffusers").mkdir(parents=True, exist_ok=True)
+    singles = [folder for folder in folders if folder.name.startswith("files-")]
+    for folder in folders:
+        if folder not in singles:
+            _link(models / "diffusers" / folder.name, folder)
+    if singles:
+        files = build_test_files(singles, TEST_MODELS_CACHE / "comfy-files")
+        for kind in (path for path in files.iterdir() if path.is_dir()):
+            for path in kind.iterdir():
+                _link(models / kind.name / path.name, path)
+    return folders
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(target, target_is_directory=target.is_dir())
+
+
 def extra_model_paths_yaml(path: Path, models_dirs: list[Path]) -> Path:
     """ComfyUI's extra_model_paths format: one section per external models folder."""
     kinds = ("diffusers", "diffusion_models", "text_encoders", "vae", "checkpoints", "loras", "unet", "clip")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
-from tools.comfy_harness import BUILD, ROOT, ComfyServer, node_text_output  # noqa: E402
+from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS  # noqa: E402
+from tools.comfy_harness import BUILD, ROOT, ComfyServer, install_test_models, node_text_output  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "api" / "qwen_image.json"
 OUT = ROOT / "out" / "demo"
@@ -29,8 +29,8 @@ def main() -> int:
     # Someone at a terminal gets the editor left up afterwards, with every shipped workflow's model.
     interactive = sys.stdin.isatty()
     models = TEST_MODELS + (REFERENCE_MODEL,) if interactive else (model,)
-    print(f"[demo] building {', '.join(models)} into {base / 'models' / 'diffusers'} ...", flush=True)
-    build_models(base / "models" / "diffusers", list(models))
+    print(f"[demo] building {', '.join(models)} into {base / 'models'} ...", flush=True)
+    install_test_models(base / "models", tuple(models))
     OUT.mkdir(parents=True, exist_ok=True)
     server_options = dict(port=PORT, extra_args=["--preview-method", "auto"]) if interactive else {}
     with ComfyServer(base, log_path=OUT / "comfyui.log", **server_options) as server:

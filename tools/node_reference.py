@@ -25,10 +25,14 @@ ORDER = ("OmniLoader", "OmniFP8Quantize", "OmniLayerwiseOffload", "OmniTeaCache"
          "OmniParallelConfig", "OmniSampler", "OmniVAETiledDecode")
 # Options that depend on the machine or its model folders: described, not listed.
 MACHINE_OPTIONS = {
-    ("OmniLoader", "model"): "the folders under models/diffusers",
+    ("OmniLoader", "model"): "the folders under models/diffusers, then the files in models/diffusion_models and "
+                             "models/unet",
     ("OmniLoader", "device"): "auto, cpu, then cuda:N per visible GPU",
     ("OmniLoader", "transformer_file"): "none, then the files in models/diffusion_models and models/unet",
     ("OmniLoader", "transformer_2_file"): "none, then the files in models/diffusion_models and models/unet",
+    ("OmniLoader", "text_encoder_file"): "none, then the files in models/text_encoders and models/clip",
+    ("OmniLoader", "text_encoder_2_file"): "none, then the files in models/text_encoders and models/clip",
+    ("OmniLoader", "vae_file"): "none, then the files in models/vae",
 }
 
 

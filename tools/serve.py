@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
-from tools.comfy_harness import BUILD, comfyui_command, extra_model_paths_yaml, prepare_base_dir  # noqa: E402
+from tools.comfy_harness import (  # noqa: E402
+    BUILD, comfyui_command, extra_model_paths_yaml, install_test_models, prepare_base_dir,
+)
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--port", type=int, default=8188)
@@ -22,7 +23,7 @@ parser.add_argument("--models-dir", default="", help="a ComfyUI models folder to
 args = parser.parse_args()
 
 base = prepare_base_dir(BUILD / "base")
-build_models(base / "models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
+install_test_models(base / "models")
 extra = []
 if args.models_dir:
     models_dir = Path(args.models_dir).expanduser().resolve()

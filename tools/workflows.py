@@ -25,9 +25,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.comfy_harness import ROOT, ComfyServer  # noqa: E402
+from tools.comfy_harness import ROOT, ComfyServer, install_test_models  # noqa: E402
 from tools.editor import browser, editor  # noqa: E402
-from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api"
@@ -114,13 +113,10 @@ def main(names: list[str]) -> int:
     prompts = {p.stem: json.loads(p.read_text()) for p in sources}
     # The multi-GPU recipe runs here on CPU ranks (gloo) to make its thumbnail.
     os.environ["OMNI_ACCEL_CPU_RANKS"] = str(max(parallel_ranks(p) for p in prompts.values()))
-    models = build_models(ROOT / ".build" / "test-models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
     outputs: dict[str, Image.Image] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "models" / "diffusers").mkdir(parents=True)
-        for path in models:
-            (base / "models" / "diffusers" / path.name).symlink_to(path, target_is_directory=True)
+        install_test_models(base / "models")
         with ComfyServer(base) as server, browser() as instance, editor(instance, server) as page:
             for name, prompt in prompts.items():
                 workflow, twin = editor_roundtrip(page, prompt, name)

@@ -1,7 +1,12 @@
 """Test-only ComfyUI nodes, installed beside the pack in the test server:
 - OmniTestAnyValue sends any value through a link (as many third-party packs' "any" nodes do), to test
   inputs that bypass the dropdowns: text, a float, or any JSON value (true, 2.5, NaN, "x", 5);
-- OmniTestHoldStore holds the pack's model store for some seconds, as a long load does."""
+- OmniTestHoldStore holds the pack's model store for some seconds, as a long load does;
+- OmniTestCLIPLoader is ComfyUI's CLIPLoader for the small text-encoder files of the files-* test models:
+  ComfyUI's own text-encoder classes and key loading, built at the files' small size (ComfyUI builds the
+  released size whatever the file holds), so CLIPTextEncode gives ComfyUI's own CONDITIONING;
+- OmniTestModelKeys shows what a MODEL's diffusion model holds against the file it came from: its class, the
+  keys missing from or unexpected in the file, and whether every tensor equals the file's."""
 
 import json
 import sys
@@ -42,4 +47,70 @@ class OmniTestHoldStore:
         return ()
 
 
-NODE_CLASS_MAPPINGS = {"OmniTestAnyValue": OmniTestAnyValue, "OmniTestHoldStore": OmniTestHoldStore}
+def _te_reference():
+    """tests/comfy_te_reference.py, imported by path (ComfyUI has a `tests` folder of its own)."""
+    import importlib.util
+    from pathlib import Path
+
+    module = sys.modules.get("omni_comfy_te_reference")
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "comfy_te_reference.py"
+        spec = importlib.util.spec_from_file_location("omni_comfy_te_reference", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+class OmniTestCLIPLoader:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"clip_name": (names,), "family": (["qwen-image", "z-image", "flux"],)},
+                "optional": {"clip_name2": (["none", *names],)}}
+
+    def load(self, clip_name, family, clip_name2="none"):
+        import folder_paths
+
+        load_clip = _te_reference().load_clip
+        names = [clip_name] + ([clip_name2] if clip_name2 != "none" else [])
+        clip, missing, unexpected = load_clip(family, [folder_paths.get_full_path("text_encoders", n) for n in names])
+        if missing or unexpected:
+            raise RuntimeError(f"OmniTestCLIPLoader: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return (clip,)
+
+
+class OmniTestModelKeys:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "compare"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"model": ("MODEL",), "unet_name": (folder_paths.get_filename_list("diffusion_models"),)}}
+
+    def compare(self, model, unet_name):
+        import folder_paths
+        import torch
+        from safetensors.torch import load_file
+
+        stored = load_file(folder_paths.get_full_path("diffusion_models", unet_name))
+        held = model.model.diffusion_model.state_dict()
+        shared = set(stored) & set(held)
+        report = {"class": type(model.model.diffusion_model).__name__, "missing": sorted(set(held) - set(stored)),
+                  "unexpected": sorted(set(stored) - set(held)),
+                  "equal": all(torch.equal(held[k].to(stored[k].dtype), stored[k]) for k in shared)}
+        return {"ui": {"text": [json.dumps(report)]}}
+
+
+NODE_CLASS_MAPPINGS = {"OmniTestAnyValue": OmniTestAnyValue, "OmniTestHoldStore": OmniTestHoldStore,
+                       "OmniTestCLIPLoader": OmniTestCLIPLoader, "OmniTestModelKeys": OmniTestModelKeys}

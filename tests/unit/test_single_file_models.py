@@ -222,3 +222,28 @@ def test_accelerators_apply_to_single_file_models(comfy_files, store, name):
     assert any(cached)
     fp8 = generate(pipe.with_accelerator(FP8Quantize()), request, store).report.sections["quantization"]
     assert fp8["layers_quantized"] > 0 and fp8["dit_weight_bytes"]["ratio"] < 0.8  # small models keep much in full precision
+
+
+@pytest.mark.slow
+def test_compile_and_ulysses_on_cpu_ranks_apply_to_single_file_models(comfy_files, monkeypatch):
+    """Regional compile in this process, and Ulysses on two CPU ranks whose workers load the same files."""
+    from omni_core import ModelStore
+    from omni_core.offload.compile import RegionalCompile
+    from omni_core.parallel.layout import ParallelConfig
+
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "2")
+    spec = spec_of(comfy_files, "files-flux")
+    request = GenerationRequest(prompt=PROMPT, cfg=1.0, **IMAGE)
+    store = ModelStore()
+    try:
+        eager = generate(OmniPipe(spec), request, store).latent
+        compiled = generate(OmniPipe(spec).with_accelerator(RegionalCompile()), request, store)
+        assert compiled.report.sections["compile"]["graphs_compiled_this_run"] > 0
+        assert (compiled.latent - eager).abs().max() <= 1e-4 * eager.abs().max()
+        store.release()
+        parallel = generate(OmniPipe(spec).with_accelerator(ParallelConfig(ulysses_degree=2)), request, store)
+        section = parallel.report.sections["parallel"]
+        assert section["world_size"] == 2 and len(set(section["worker_pids"])) == 2
+        assert (parallel.latent - eager).abs().max() <= 1e-5
+    finally:
+        store.shutdown()

@@ -44,11 +44,13 @@ def _wan_vae(cls):
     return cls(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 
 
-def _narrow_ae() -> AutoencoderKL:
-    """The released ae's latent space (16 channels, its scaling and shift), narrowed."""
+def _small_ae() -> AutoencoderKL:
+    """The released ae's latent space (16 channels, its scaling and shift) at the smallest size ComfyUI's own VAE
+    loader reads from a file: it fixes the width at 128 and two blocks per stage, and takes three stages (4x
+    downscale) as well as the released four."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 32], layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512], layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=32,
         sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
     )
 
@@ -98,7 +100,7 @@ def z_image(seed: int = 0) -> ZImagePipeline:
     torch.manual_seed(seed + 2)
     return bf16_exact(ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
-        vae=_narrow_ae(), text_encoder=text_encoder_model, tokenizer=tokenizer, transformer=transformer))
+        vae=_small_ae(), text_encoder=text_encoder_model, tokenizer=tokenizer, transformer=transformer))
 
 
 def flux(seed: int = 0) -> FluxPipeline:
@@ -119,7 +121,7 @@ def flux(seed: int = 0) -> FluxPipeline:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
-    return bf16_exact(FluxPipeline(scheduler=scheduler, vae=_narrow_ae(), text_encoder=clip, tokenizer=clip_tokenizer,
+    return bf16_exact(FluxPipeline(scheduler=scheduler, vae=_small_ae(), text_encoder=clip, tokenizer=clip_tokenizer,
                                    text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer))
 
 
