@@ -180,9 +180,9 @@ def part_file_path(kind: str, name: str) -> str | None:
 
 def tokenizer_dirs() -> tuple[str, ...]:
     """The tokenizers ComfyUI ships beside its own text encoders (Qwen2.5 / Qwen3, T5, UMT5 from the file, CLIP)."""
-    import comfy
+    import comfy.sd  # `comfy` is a namespace package: no __file__
 
-    comfy_dir = os.path.dirname(comfy.__file__)
+    comfy_dir = os.path.dirname(comfy.sd.__file__)
     found = []
     for folder in (os.path.join(comfy_dir, "text_encoders"), comfy_dir):
         if os.path.isdir(folder):

@@ -40,7 +40,7 @@ def _held_bytes(folder, path) -> int:
         executor, _ = store.get(OmniPipe(spec))
         return dit_bytes(executor)
     finally:
-        store.shutdown()
+        store.release()
 
 
 def test_fp8_scaled_holds_about_half_of_bf16(reference_files):
@@ -68,4 +68,4 @@ def test_fp8_scaled_draws_the_held_out_scenes_as_the_unquantized_model(reference
     quantized = generate(fp8.with_accelerator(FP8Quantize()), request, store)
     assert quantized.report.sections["quantization"]["layers_quantized"] == 0
     assert torch.equal(quantized.latent, generate(fp8, request, store).latent)
-    store.shutdown()
+    store.release()

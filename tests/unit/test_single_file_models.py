@@ -246,4 +246,4 @@ def test_compile_and_ulysses_on_cpu_ranks_apply_to_single_file_models(comfy_file
         assert section["world_size"] == 2 and len(set(section["worker_pids"])) == 2
         assert (parallel.latent - eager).abs().max() <= 1e-5
     finally:
-        store.shutdown()
+        store.release()
