@@ -32,6 +32,7 @@ MODELS: dict[str, Callable[[], object]] = {
     "tiny-flux-schnell": lambda: flux.build(guidance_embeds=False),
     "tiny-wan21": lambda: wan.build(experts=1),
     "tiny-wan22": lambda: wan.build(experts=2),
+    "deep-qwen-image": lambda: qwen_image.build("deep"),
     "mid-qwen-image": lambda: qwen_image.build("mid"),
     # hidden 256: GGUF quant types need rows of 32 (K-quants 256) values
     "quant-qwen-image": lambda: qwen_image.build("quant"),
@@ -39,7 +40,7 @@ MODELS: dict[str, Callable[[], object]] = {
     "quant-wan21": lambda: wan.build(width="quant"),
     "quant-z-image": lambda: z_image.build(width="quant"),
 }
-TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-")))
+TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-", "deep-")))
 _STAMP = ".omni_tiny_model.json"
 
 # Trained models shipped in the repository (weights committed), linked into a models folder as they are.
