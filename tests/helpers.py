@@ -15,6 +15,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
+EDIT_EXAMPLE = WORKFLOWS / "inputs" / "omni_edit_example.png"
+
+
+def edit_images() -> tuple:
+    """The shipped edit workflows' input picture, as a Sampler's `images`."""
+    return (Image.open(EDIT_EXAMPLE).convert("RGB"),)
 
 
 def workflow_prompt(name: str = "qwen_image", **node_inputs: dict) -> dict:
