@@ -42,7 +42,6 @@ def test_image_equals_plain_diffusers(comfy, model_dirs, cfg, negative, seed, si
                                       "fraction_computed": 1.0}
     assert report["request"]["steps"] == steps and report["family"] == "qwen-image"
     assert set(report["seconds"]) >= {"load", "pipeline", "text_encode"}
-    assert report["memory"]["cpu_rss_peak_bytes"] > 0
 
 
 def _add_decode(prompt, node_id, latent_link, **options):

@@ -150,3 +150,26 @@ def test_out_of_memory_mid_run_reaches_the_host_as_one_and_leaves_the_model_as_i
     again = generate(stack, request, store)
     assert torch.equal(again.latent, fresh.latent)
     assert again.report.sections["tea_cache"]["branches"] == fresh.report.sections["tea_cache"]["branches"]
+
+
+def test_peak_memory_sees_what_a_step_held(setup):
+    """The CPU peak is sampled every step: 512 MiB held from step 2 to step 3 (and touched, so resident) must
+    show in it, though it is gone before the run ends."""
+    import psutil
+
+    store, pipe = setup
+    generate(pipe, REQUEST, store)  # loaded and warmed up: the run itself adds little
+    held = {}
+
+    def hold_at_step_2(done, total, preview):
+        if done == 2:
+            held["ballast"] = torch.ones(512 * 2**20, dtype=torch.uint8)
+        elif done == 3:
+            held.clear()
+
+    start = psutil.Process().memory_info().rss
+    report = generate(pipe, REQUEST, store, on_step=hold_at_step_2).report
+    assert not held
+    peak = report.counters["memory"]["cpu_rss_peak_bytes"]
+    assert peak >= start + 0.9 * 512 * 2**20, f"peak {peak >> 20} MiB, start {start >> 20} MiB"
+    assert peak < start + 2 * 512 * 2**20, "a peak, not a sum of samples"

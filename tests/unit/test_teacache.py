@@ -287,4 +287,5 @@ def test_calibration_produces_a_table_for_a_model(model_dirs, store):
                     store=store)
     assert fit.pairs == 2 * 2 * 5, "prompts x branches x (steps - 1)"
     assert len(fit.coefficients) == 5 and all(np.isfinite(fit.coefficients))
-    assert 0 <= fit.rmse < 1 and fit.r2 <= 1
+    # The fit explains what it was fitted on: r2 0.89, rmse 0.0068 measured on this model; bounds 0.1 and 1.5x off.
+    assert fit.r2 >= 0.79 and fit.rmse <= 0.01
