@@ -121,3 +121,32 @@ def test_sampler_sends_a_preview_each_step_at_its_own_size(comfy):
     assert all(image.format == "JPEG" and image.size == (32, 48) for image in sent)
     previews = json.loads(node_text_output(entry, "5")[0])["previews"]
     assert previews["method"] == "decoded" and previews["made"] == 5 and previews["seconds"] > 0
+
+
+def test_default_preview_throttle_through_a_server(tmp_path, model_dirs):
+    """The shared test server sends a preview every step (OMNI_ACCEL_PREVIEW_INTERVAL=0); a server as users
+    start it (no such setting) sends at most one per 0.25 s while progress still moves every step."""
+    from PIL import Image
+    import io
+
+    from tools.comfy_harness import ComfyServer
+
+    base = tmp_path / "default-previews"
+    (base / "models" / "diffusers").mkdir(parents=True)
+    (base / "models" / "diffusers" / "tiny-qwen-image").symlink_to(model_dirs["tiny-qwen-image"], target_is_directory=True)
+    server = ComfyServer(base, extra_args=["--preview-method", "auto"]).start()
+    steps = 400
+    try:
+        prompt_id = server.queue(sampler_prompt(prompt=PROMPT, seed=82, steps=steps, cfg=1.0, width=32, height=32))
+        entry = server.wait(prompt_id)
+        progress = server.progress(prompt_id)
+        sent = [Image.open(io.BytesIO(data)) for data in server.previews]
+    finally:
+        server.stop()
+    report = json.loads(node_text_output(entry, "5")[0])
+    seconds = report["seconds"]["pipeline"]
+    assert progress == list(range(1, steps + 1)), "progress moves every step"
+    assert seconds >= 1.0, "the run must last several preview intervals for the test to mean anything"
+    assert report["previews"]["made"] == len(sent) >= 1
+    assert len(sent) <= seconds / 0.25 + 1, f"{len(sent)} previews in {seconds:.2f} s"
+    assert all(image.format == "JPEG" for image in sent)
