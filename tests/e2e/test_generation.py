@@ -81,10 +81,10 @@ def test_tiled_decode_close_to_untiled_and_slicing_exact(comfy):
     for p, o in zip(plain, one_tile):
         np.testing.assert_array_equal(p, o)  # an image within one tile is decoded whole
     for p, t in zip(plain, tiled):
-        # Tiles are decoded separately and blended over the overlap, so pixels near seams differ. Stated
-        # tolerance (random-weight VAE, 64 px tiles, 32 px overlap): PSNR >= 25 dB vs the untiled decode.
+        # Tiles are decoded separately and blended over the overlap, so pixels near seams differ: 37.7 dB vs
+        # the untiled decode here (random-weight VAE, 64 px tiles, 32 px overlap); a 3 dB margin.
         assert not np.array_equal(p, t), "tiling must really have happened"
-        assert psnr(p, t) >= 25.0
+        assert psnr(p, t) >= 34.5
 
 
 def test_two_samplers_sharing_one_loader_equal_separate_prompts(comfy):

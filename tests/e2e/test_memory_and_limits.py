@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import png_to_array, sampler_prompt, with_pipe_node
+from tests.helpers import auto_device_and_dtype, png_to_array, sampler_prompt, with_pipe_node
 from tools.comfy_harness import ExecutionFailed, PromptRejected
 
 SMALL = dict(prompt="a red circle", negative_prompt="", seed=5, steps=2, cfg=1.0, width=32, height=32)
@@ -120,7 +120,8 @@ def test_free_releases_every_pipeline_of_the_pack(comfy):
         prompt["1"]["inputs"]["dtype"] = dtype
         comfy.run(prompt)
     held = store_status(comfy)["held"]
-    assert {h["what"] for h in held} == {"tiny-qwen-image, fp32, cpu", "tiny-qwen-image, bf16, cpu"}
+    device = auto_device_and_dtype()[0]  # the Loader's device "auto"
+    assert {h["what"] for h in held} == {f"tiny-qwen-image, fp32, {device}", f"tiny-qwen-image, bf16, {device}"}
     comfy.free(unload_models=True)
     assert store_status(comfy)["held"] == []
 
