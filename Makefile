@@ -4,7 +4,7 @@ PORT ?= 8188
 MODELS_DIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test serve bench clean
+.PHONY: setup demo test mutants serve bench clean
 
 setup:
 	@bash tools/bootstrap.sh
@@ -14,6 +14,10 @@ demo: setup
 
 test: setup
 	@$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Plants each bug of tests/mutants.toml in a copy of the repository and runs the tests that must catch it.
+mutants: setup
+	@$(PY) tools/mutants.py --out bench/results/mutants.md
 
 serve: setup
 	@$(PY) tools/serve.py --port $(PORT) $(if $(MODELS_DIR),--models-dir "$(MODELS_DIR)")

@@ -15,6 +15,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
+EDIT_EXAMPLE = WORKFLOWS / "inputs" / "omni_edit_example.png"
+
+
+def edit_images() -> tuple:
+    """The shipped edit workflows' input picture, as a Sampler's `images`."""
+    return (Image.open(EDIT_EXAMPLE).convert("RGB"),)
 
 
 def workflow_prompt(name: str = "qwen_image", **node_inputs: dict) -> dict:
@@ -42,18 +48,26 @@ def comfy_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.clip(255.0 * images, 0, 255).astype(np.uint8)
 
 
+def auto_device_and_dtype() -> tuple[str, torch.dtype]:
+    """What Omni Loader's device and dtype "auto" pick on this machine: the first GPU in bf16, else the CPU
+    in fp32. Plain-diffusers references run there too, so an exactness test expects what this machine gives."""
+    return ("cuda:0", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
 @lru_cache(maxsize=16)
 def reference_pipeline(folder: str):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    device, dtype = auto_device_and_dtype()
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def qwen_reference(folder: Path, prompt: str, negative_prompt: str, seed: int, steps: int, cfg: float,
                    width: int, height: int, batch_size: int = 1) -> np.ndarray:
-    """Plain diffusers QwenImagePipeline, fp32, CPU generator: float images (B, H, W, C) in [0, 1]."""
+    """Plain diffusers QwenImagePipeline on the auto device and dtype, CPU generator: float images (B, H, W, C)
+    in [0, 1]."""
     pipe = reference_pipeline(str(folder))
     return pipe(
         prompt=prompt,

@@ -13,6 +13,10 @@ _.FUNCTION
 _.NODE_CLASS_MAPPINGS
 _.OUTPUT_NODE
 _.hold
+_.set_memory
+_.arm
+# pytest fixtures that only set something up (requested by name, their value unused)
+_.small_edit_references
 # diffusers' ModelHook and torch's Module
 _.new_forward
 _.extra_repr

@@ -18,7 +18,8 @@ EXAMPLE = ROOT / "workflows" / "inputs" / "omni_edit_example.png"
 
 
 def reference(model_dirs, model: str, seed: int, **kwargs) -> np.ndarray:
-    """Plain diffusers, fp32, CPU generator; kwargs written out per family, in diffusers' own terms."""
+    """Plain diffusers on the auto device and dtype, CPU generator; kwargs written out per family, in diffusers'
+    own terms."""
     pipe = reference_pipeline(str(model_dirs[model]))
     images = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs)[0]
     images = np.asarray(images)

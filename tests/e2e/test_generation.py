@@ -42,7 +42,6 @@ def test_image_equals_plain_diffusers(comfy, model_dirs, cfg, negative, seed, si
                                       "fraction_computed": 1.0}
     assert report["request"]["steps"] == steps and report["family"] == "qwen-image"
     assert set(report["seconds"]) >= {"load", "pipeline", "text_encode"}
-    assert report["memory"]["cpu_rss_peak_bytes"] > 0
 
 
 def _add_decode(prompt, node_id, latent_link, **options):
@@ -82,10 +81,10 @@ def test_tiled_decode_close_to_untiled_and_slicing_exact(comfy):
     for p, o in zip(plain, one_tile):
         np.testing.assert_array_equal(p, o)  # an image within one tile is decoded whole
     for p, t in zip(plain, tiled):
-        # Tiles are decoded separately and blended over the overlap, so pixels near seams differ. Stated
-        # tolerance (random-weight VAE, 64 px tiles, 32 px overlap): PSNR >= 25 dB vs the untiled decode.
+        # Tiles are decoded separately and blended over the overlap, so pixels near seams differ: 37.7 dB vs
+        # the untiled decode here (random-weight VAE, 64 px tiles, 32 px overlap); a 3 dB margin.
         assert not np.array_equal(p, t), "tiling must really have happened"
-        assert psnr(p, t) >= 25.0
+        assert psnr(p, t) >= 34.5
 
 
 def test_two_samplers_sharing_one_loader_equal_separate_prompts(comfy):
@@ -122,3 +121,32 @@ def test_sampler_sends_a_preview_each_step_at_its_own_size(comfy):
     assert all(image.format == "JPEG" and image.size == (32, 48) for image in sent)
     previews = json.loads(node_text_output(entry, "5")[0])["previews"]
     assert previews["method"] == "decoded" and previews["made"] == 5 and previews["seconds"] > 0
+
+
+def test_default_preview_throttle_through_a_server(tmp_path, model_dirs):
+    """The shared test server sends a preview every step (OMNI_ACCEL_PREVIEW_INTERVAL=0); a server as users
+    start it (no such setting) sends at most one per 0.25 s while progress still moves every step."""
+    from PIL import Image
+    import io
+
+    from tools.comfy_harness import ComfyServer
+
+    base = tmp_path / "default-previews"
+    (base / "models" / "diffusers").mkdir(parents=True)
+    (base / "models" / "diffusers" / "tiny-qwen-image").symlink_to(model_dirs["tiny-qwen-image"], target_is_directory=True)
+    server = ComfyServer(base, extra_args=["--preview-method", "auto"]).start()
+    steps = 400
+    try:
+        prompt_id = server.queue(sampler_prompt(prompt=PROMPT, seed=82, steps=steps, cfg=1.0, width=32, height=32))
+        entry = server.wait(prompt_id)
+        progress = server.progress(prompt_id)
+        sent = [Image.open(io.BytesIO(data)) for data in server.previews]
+    finally:
+        server.stop()
+    report = json.loads(node_text_output(entry, "5")[0])
+    seconds = report["seconds"]["pipeline"]
+    assert progress == list(range(1, steps + 1)), "progress moves every step"
+    assert seconds >= 1.0, "the run must last several preview intervals for the test to mean anything"
+    assert report["previews"]["made"] == len(sent) >= 1
+    assert len(sent) <= seconds / 0.25 + 1, f"{len(sent)} previews in {seconds:.2f} s"
+    assert all(image.format == "JPEG" for image in sent)

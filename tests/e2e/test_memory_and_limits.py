@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import png_to_array, sampler_prompt, with_pipe_node
+from tests.helpers import auto_device_and_dtype, png_to_array, sampler_prompt, with_pipe_node
 from tools.comfy_harness import ExecutionFailed, PromptRejected
 
 SMALL = dict(prompt="a red circle", negative_prompt="", seed=5, steps=2, cfg=1.0, width=32, height=32)
@@ -120,22 +120,55 @@ def test_free_releases_every_pipeline_of_the_pack(comfy):
         prompt["1"]["inputs"]["dtype"] = dtype
         comfy.run(prompt)
     held = store_status(comfy)["held"]
-    assert {h["what"] for h in held} == {"tiny-qwen-image, fp32, cpu", "tiny-qwen-image, bf16, cpu"}
+    device = auto_device_and_dtype()[0]  # the Loader's device "auto"
+    assert {h["what"] for h in held} == {f"tiny-qwen-image, fp32, {device}", f"tiny-qwen-image, bf16, {device}"}
     comfy.free(unload_models=True)
     assert store_status(comfy)["held"] == []
 
 
+def set_free_memory(comfy, gib: float) -> None:
+    """The free memory the pack's store sees on every device; -1 gives back the real accounting."""
+    comfy.run({"mem": {"class_type": "OmniTestDeviceMemory", "inputs": {"free_gib": gib, "nonce": time.time_ns() % 10**9}}})
+
+
 def test_oversized_request_is_refused_at_once_and_the_next_runs(comfy):
+    """Refused for what the device has free (set to 16 GiB here), whatever the test machine has."""
     prompt = sampler_prompt(**dict(SMALL, width=8192, height=8192, batch_size=64, seed=4))
+    free_and_wait(comfy)  # pipelines held would count as room (they would be released)
     loads = store_status(comfy)["loads"]
-    start = time.perf_counter()
-    with pytest.raises(ExecutionFailed) as info:
-        comfy.run(prompt)
-    assert time.perf_counter() - start < 1.0
+    set_free_memory(comfy, 16)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ExecutionFailed) as info:
+            comfy.run(prompt)
+        assert time.perf_counter() - start < 1.0
+    finally:
+        set_free_memory(comfy, -1)
     assert info.value.node_type == "OmniSampler"
     assert info.value.exception_message.startswith("width, height, batch_size: 8192x8192 x 64 needs at least")
+    assert "but at most 15.99 GiB can be made free there" in info.value.exception_message, "16 GiB less the weights"
     assert store_status(comfy)["loads"] == loads, "refused before loading anything"
     run_sampler(comfy, sampler_prompt(**dict(SMALL, seed=6)))
+
+
+def test_out_of_memory_during_a_run_releases_the_pack_and_the_next_run_loads_afresh(comfy):
+    """A device running out of memory mid-run (not while loading): the error reaches ComfyUI as one, its
+    recovery unloads every model (ours included), and the next run loads again and gives the same picture."""
+    base = dict(SMALL, steps=4, cfg=4.0, negative_prompt="blurry", seed=41)
+    tea = dict(rel_l1_thresh=0.8, start_percent=0.0, end_percent=1.0, coefficients="", max_consecutive_skips=-1)
+    _, before, report = run_sampler(comfy, with_pipe_node(sampler_prompt(**base), "OmniTeaCache", "tc", tea))
+    assert store_status(comfy)["held"], "the model is held after the run"
+    failing = with_pipe_node(sampler_prompt(**base), "OmniTestOutOfMemory", "oom",
+                             {"at_call": 3, "nonce": time.time_ns() % 10**9})
+    failing = with_pipe_node(failing, "OmniTeaCache", "tc", tea, upstream="oom")
+    with pytest.raises(ExecutionFailed) as info:
+        comfy.run(failing)
+    assert info.value.node_type == "OmniSampler" and "OutOfMemoryError" in info.value.exception_type
+    assert store_status(comfy)["held"] == [], "ComfyUI's out-of-memory recovery released the pack's pipelines"
+    comfy.free(unload_models=False, free_memory=True)  # drops ComfyUI's output cache: the same prompt runs again
+    _, after, again = run_sampler(comfy, with_pipe_node(sampler_prompt(**base), "OmniTeaCache", "tc", tea))
+    assert again["loaded_this_run"] and again["model_load_id"] > report["model_load_id"]
+    np.testing.assert_array_equal(after, before)
 
 
 def test_decode_after_free_brings_back_the_vae_alone(comfy):

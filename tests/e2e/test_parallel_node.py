@@ -21,6 +21,9 @@ CASES = {  # parallel-ready models: heads divisible by 2 (Z-Image: 2 refiner lay
     "quant-wan21": dict(width=32, height=32, num_frames=5),
     "quant-z-image": dict(width=32, height=32),
 }
+# The single process's latent up to float rounding: the largest difference measured in-process on these models
+# is 7.4e-7 of the latent's largest value (Z-Image CFG; Qwen-Image 4.6e-7); the bound allows 2e-6 (~17 ulps).
+TOLERANCE = 2e-6
 LAYOUT = dict(ulysses_degree=1, ring_degree=1, cfg_parallel_size=1, backend="auto", devices="", ray_address="")
 BASE = dict(prompt="a red circle at the top left", negative_prompt="blurry", seed=9, steps=4, cfg=4.0)
 
@@ -51,7 +54,7 @@ def test_ulysses_and_cfg_parallel_equal_one_process(comfy, model):
     whole = None
     for layout in (dict(cfg_parallel_size=2), dict(ulysses_degree=2)):
         latent, report = _latent_and_report(comfy, _parallel(model, layout))
-        assert (latent - single).abs().max() <= 1e-5, (layout, (latent - single).abs().max())
+        assert (latent - single).abs().max() <= TOLERANCE * single.abs().max(), (layout, (latent - single).abs().max())
         section = report["parallel"]
         assert section["world_size"] == 2 and len(section["worker_pids"]) == 2
         assert report["transformer_calls"] == BASE["steps"] * (1 if model == "quant-z-image" else 2)
@@ -73,7 +76,7 @@ def test_pool_is_reused_and_caches_decide_alike_on_every_rank(comfy, model_dirs)
     patterns = {b: v["pattern"] for b, v in report["tea_cache"]["branches"].items()}
     assert patterns == {b: v["pattern"] for b, v in single_report["tea_cache"]["branches"].items()}
     assert "S" in patterns["cond"]
-    assert (latent - single).abs().max() <= 1e-4
+    assert (latent - single).abs().max() <= TOLERANCE * single.abs().max()
     pids = report["parallel"]["worker_pids"]
     prompt["2"]["inputs"]["seed"] = 10
     _, again = _latent_and_report(comfy, prompt)
@@ -90,7 +93,7 @@ def test_pool_is_reused_and_caches_decide_alike_on_every_rank(comfy, model_dirs)
     assert report["parallel"]["same_cache_decisions_on_every_rank"] == {"cache_dit": True}
     cached = report["cache_dit"]["denoisers"]["transformer"]["cached_steps"]
     assert cached and cached == single_report["cache_dit"]["denoisers"]["transformer"]["cached_steps"]
-    assert (latent - single).abs().max() <= 1e-4
+    assert (latent - single).abs().max() <= TOLERANCE * single.abs().max()
     assert not any(psutil.pid_exists(pid) for pid in pids), "the earlier layout's workers are gone"
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tools.gguf_files import write_gguf
@@ -74,8 +75,10 @@ def test_fp8_through_the_server_with_teacache_and_bypass(comfy):
     prompt = with_pipe_node(sampler_prompt(**base), "OmniFP8Quantize", "fp8", FP8_DEFAULTS)
     fp8, report = run_images_and_report(comfy, prompt)
     section = report["quantization"]
-    assert section["mode"] == "weight_only" and section["layers_quantized"] > 0
-    assert psnr(fp8, plain) >= 30.0
+    fp8_units = torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9)
+    assert section["mode"] == ("w8a8" if fp8_units else "weight_only") and section["layers_quantized"] > 0
+    # 62.1 dB on the CPU (weight_only): a 3 dB margin.
+    assert psnr(fp8, plain) >= 59.0
     stacked = with_pipe_node(prompt, "OmniTeaCache", "tc", dict(
         rel_l1_thresh=2.0, start_percent=0.0, end_percent=1.0, coefficients="", max_consecutive_skips=-1), upstream="fp8")
     _, stacked_report = run_images_and_report(comfy, stacked)

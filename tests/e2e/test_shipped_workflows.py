@@ -36,6 +36,40 @@ def test_multi_device_workflow_runs_or_is_refused_for_want_of_devices(comfy, api
     assert Image.open(io.BytesIO(data)).size == (sampler["width"], sampler["height"])
 
 
+@pytest.mark.slow
+def test_multi_gpu_workflow_runs_on_four_cpu_ranks_and_equals_one_process(tmp_path, model_dirs):
+    """The shipped FP8 + CFG 2 x Ulysses 2 workflow as shipped, on 4 CPU ranks (gloo; OMNI_ACCEL_CPU_RANKS lets
+    a 2-core machine start them, as for its thumbnail), against the same stack without Parallel Config."""
+    from tools.comfy_harness import ComfyServer, node_text_output
+
+    prompt = json.loads((API_WORKFLOWS / "qwen_image_multi_gpu.json").read_text())
+    assert parallel_ranks(prompt) == 4
+    prompt["1"]["inputs"]["device"] = "cpu"  # its "auto" is the CPU here; a GPU machine would need 4 GPUs
+    parallel_node = next(i for i, node in prompt.items() if node["class_type"] == "OmniParallelConfig")
+    sampler = next(i for i, node in prompt.items() if node["class_type"] == "OmniSampler")
+    single = json.loads(json.dumps(prompt))
+    single[sampler]["inputs"]["pipe"] = prompt[parallel_node]["inputs"]["pipe"]  # FP8 straight into the Sampler
+    del single[parallel_node]
+    base = tmp_path / "four-ranks"
+    (base / "models" / "diffusers").mkdir(parents=True)
+    model = prompt["1"]["inputs"]["model"]
+    (base / "models" / "diffusers" / model).symlink_to(model_dirs[model], target_is_directory=True)
+    server = ComfyServer(base, env={"OMNI_ACCEL_CPU_RANKS": "4"}).start()
+    try:
+        entry = server.run(prompt, timeout=900)
+        parallel = png_to_array(server.output_files(entry, saver_id(prompt))[0])
+        report = json.loads(node_text_output(entry, "5")[0])
+        reference = png_to_array(server.output_files(server.run(single, timeout=900), saver_id(single))[0])
+    finally:
+        server.stop()
+    section = report["parallel"]
+    assert section["world_size"] == 4 and len(set(section["worker_pids"])) == 4
+    assert [e["kind"] for e in report["recipe"]] == ["quantization", "parallel"]
+    # Latents agree to float rounding; after decoding, a pixel may land on the other side of a level.
+    difference = np.abs(parallel.astype(int) - reference.astype(int))
+    assert parallel.shape == (64, 64, 3) and difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
 # Inputs appended after the first release: prompts saved before them must run unchanged.
 ADDED_LATER = {"OmniLoader": ("compile",)}
 

@@ -30,7 +30,10 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     assert baseline["psnr_db"] >= 99 and baseline["fraction_computed"] == 1.0 and baseline["speedup"] == 1.0
     base_median = statistics.median(r["seconds"] for r in baseline["repetitions"])
     for row in reference["rows"]:
-        assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0 and -1 <= row["ssim"] <= 1
+        assert 0 < row["fraction_computed"] <= 1 and row["median_s"] > 0
+        # The quoted quality is the mean of the per-prompt scores kept beside it.
+        assert row["psnr_db"] == pytest.approx(statistics.mean(p["psnr_db"] for p in row["per_prompt"]))
+        assert row["ssim"] == pytest.approx(statistics.mean(p["ssim"] for p in row["per_prompt"]))
         # Every quoted ratio recomputes from the raw repetitions.
         assert row["speedup"] == pytest.approx(base_median / statistics.median(r["seconds"] for r in row["repetitions"]))
         # Where the time went: the parts add up to the measured total, blocks only where blocks ran.
@@ -49,7 +52,7 @@ def test_quick_benchmark_writes_every_result(tmp_path):
         assert len(row["repetitions"]) == reference["rounds"] * prompts and len(row["per_prompt"]) == prompts
     # The held-out check: each method's choice meets the gate on the timed prompts and on every held-out prompt.
     held = reference["held_out"]
-    assert held["prompts"] == 3 and 0 <= held["baseline_accuracy"] <= 1
+    assert held["prompts"] == 3
     methods = {row["method"] for row in reference["rows"]} - {"baseline"}
     assert set(held["chosen"]) == methods
     by_name = {row["name"]: row for row in reference["rows"]}

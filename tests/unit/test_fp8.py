@@ -24,6 +24,11 @@ def _bf16_pipe(model_dirs, model):
     return OmniPipe(LoadSpec.create(model_dirs[model], model, dtype="bf16"))
 
 
+# Largest latent change from FP8 weight_only (per tensor, to_v kept), relative to the latent's largest value:
+# 1.5x what the code gives on these models (Qwen-Image 0.0063, Flux 0.0085, Wan 0.0074, Z-Image 0.0265).
+MAX_LATENT_ERROR = {"tiny-qwen-image": 0.0095, "tiny-flux": 0.013, "tiny-wan22": 0.011, "tiny-z-image": 0.04}
+
+
 @pytest.mark.parametrize("model", FAMILIES)
 def test_quantized_and_kept_layers_bytes_and_output(store, model_dirs, model):
     pipe = _bf16_pipe(model_dirs, model)
@@ -45,10 +50,13 @@ def test_quantized_and_kept_layers_bytes_and_output(store, model_dirs, model):
                 assert module.weight.dtype == FP8 and torch.isfinite(module.weight_scale).all()
                 assert not any(fact.matches(name) for fact in family.precision_sensitive), name
                 assert "to_v" not in name, "ignored_layers keep full precision"
-                # the FP8 weight scaled back is the original within E4M3's rounding (3 mantissa bits)
+                # The FP8 weight scaled back is the original within E4M3's rounding to nearest: half a unit in
+                # the last of 3 mantissa bits (2**-4 of the value), or of the subnormal spacing (2**-9 of the
+                # scale). The code reaches 0.95 of this bound; rounding through E5M2 would reach ~2.
                 back = module.dequantized_weight(torch.float32)
                 reference = original[name].weight.float()
-                assert (back - reference).abs().max() <= reference.abs().max() * 2**-3
+                bound = reference.abs() * 2**-4 + module.weight_scale.float() * 2**-10
+                assert ((back - reference).abs() <= bound * (1 + 1e-6)).all(), name
             elif isinstance(module, torch.nn.Linear):
                 kept += 1
                 assert module.weight.dtype == original[name].weight.dtype  # bf16 (Wan keeps a few in fp32)
@@ -71,7 +79,8 @@ def test_quantized_and_kept_layers_bytes_and_output(store, model_dirs, model):
                 fp8_bytes = module.weight.numel() + module.weight_scale.numel() * 4
                 assert fp8_bytes <= 0.52 * module.weight.numel() * 2
     latent, reference = result.latent.float(), plain.latent.float()
-    assert (latent - reference).abs().max() <= 0.05 * reference.abs().max(), "FP8 stays close to bf16"
+    error = ((latent - reference).abs().max() / reference.abs().max()).item()
+    assert error <= MAX_LATENT_ERROR[model], f"FP8 moved the latent by {error:.4f} of its largest value"
     assert result.report.header["recipe"][0]["kind"] == "quantization"
 
 
@@ -176,15 +185,29 @@ def test_non_finite_output_is_an_error_naming_the_layer(store, model_dirs):
 
 def test_modes_say_what_they_do_on_this_machine(store, model_dirs):
     request = GenerationRequest(**REQUEST)
-    auto = generate(tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(FP8Quantize()), request, store)
+    pipe = tiny_pipe(model_dirs, "tiny-qwen-image")
+    device = pipe.spec.device
+    # What the device offers, read from torch here: FP8 matrix units are CUDA SM 8.9 and newer.
+    sm = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
+    fp8_units = sm is not None and sm >= (8, 9)
+    auto = generate(pipe.with_accelerator(FP8Quantize()), request, store)
     section = auto.report.sections["quantization"]
-    assert section["mode"] == "weight_only" and section["why"].startswith("auto: the CPU has no FP8 matrix unit")
-    w8a8 = generate(tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(
-        FP8Quantize(mode="w8a8", scale="per_channel")), request, store)
-    section = w8a8.report.sections["quantization"]
-    assert section["mode"] == "w8a8" and "slower than weight_only" in section["why"]
-    assert section["activation_scale"] == "per token, dynamic"
-    loaded, _ = store.get(tiny_pipe(model_dirs, "tiny-qwen-image").with_accelerator(FP8Quantize(mode="w8a8", scale="per_channel")))
+    if fp8_units:
+        assert section["mode"] == "w8a8" and section["why"] == (
+            f"auto: {torch.cuda.get_device_name(device)} (SM {sm[0]}.{sm[1]}) multiplies FP8 in hardware")
+    else:
+        assert section["mode"] == "weight_only"
+        assert section["why"].startswith("auto: the CPU has no FP8 matrix unit" if sm is None else
+                                         f"auto: {torch.cuda.get_device_name(device)} is SM {sm[0]}.{sm[1]}")
+    w8a8_pipe = pipe.with_accelerator(FP8Quantize(mode="w8a8", scale="per_channel")) if sm is None or fp8_units else None
+    if w8a8_pipe is None:  # a GPU without FP8 units refuses w8a8 up front
+        with pytest.raises(IncompatibleStack, match="FP8 matrix multiply needs SM 8.9"):
+            pipe.with_accelerator(FP8Quantize(mode="w8a8"))
+        return
+    section = generate(w8a8_pipe, request, store).report.sections["quantization"]
+    assert section["mode"] == "w8a8" and section["activation_scale"] == "per token, dynamic"
+    assert ("slower than weight_only" in section["why"]) is (sm is None)
+    loaded, _ = store.get(w8a8_pipe)
     assert all(m.fp8_matmul for m in loaded.pipeline.transformer.modules() if isinstance(m, FP8Linear))
 
 

@@ -28,15 +28,28 @@ def test_held_out_scenes_are_never_trained_on():
     assert split() == (train, held_out), "the split is fixed"
 
 
-def test_shipped_model_is_a_real_qwen_image_folder():
+def test_shipped_model_is_a_real_qwen_image_folder_whose_vae_reconstructs_held_out_scenes():
+    import math
+
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    from reference_model.train import images_to_tensor
+
     folder = reference_model_folder()
     spec = LoadSpec.create(folder, folder.name)
     assert spec.family == "qwen-image"
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 50 * 2**20
-    training = json.loads((folder / "training.json").read_text())
-    assert training["held_out_scenes"] == 48 and training["vae_psnr_db"] > 20
-    assert training["total_seconds"] < 3600, "trains well under an hour on this machine"
+    # Measured here, not read from training.json: the 48 held-out scenes through the shipped VAE give 31.1 dB
+    # (its training log: 31.65 dB on training scenes); 1.5 dB margin.
+    vae = AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae", local_files_only=True).eval()
+    rng = np.random.default_rng(0)
+    scenes = images_to_tensor([render(scene, rng) for scene in split()[1]])
+    with torch.no_grad():
+        back = vae.decode(vae.encode(scenes).latent_dist.mode()).sample.clamp(-1, 1)
+    psnr = 10 * math.log10(4.0 / torch.nn.functional.mse_loss(back, scenes).item())
+    assert psnr >= 29.5, f"{psnr:.2f} dB"
 
 
 @pytest.mark.slow

@@ -109,3 +109,67 @@ def test_a_failing_report_never_hides_the_run_error_nor_fails_a_good_run(setup, 
     result = generate(cached, REQUEST, store)
     assert "the TeaCache report could not be written: KeyError: 'report broke'" in result.report.notes
     assert result.latent.shape[0] == 1
+
+
+def test_out_of_memory_mid_run_reaches_the_host_as_one_and_leaves_the_model_as_it_was(model_dirs):
+    """A device running out of memory during a run (not a load), with a cache patching the blocks and offload
+    streaming them: the error keeps its type (ComfyUI's recovery looks for it), every patch comes off, no
+    block stays on the device, and the next run equals a fresh one."""
+    from omni_core.cache.teacache import TeaCache
+    from omni_core.offload.layerwise import LayerwiseOffload
+
+    store = ModelStore()
+    pipe = OmniPipe(LoadSpec.create(model_dirs["deep-qwen-image"], "deep")).with_accelerator(LayerwiseOffload())
+    stack = pipe.with_accelerator(TeaCache(rel_l1_thresh=0.5))
+    request = GenerationRequest(prompt="a red circle", negative_prompt="blurry", seed=3, steps=6, cfg=4.0,
+                                width=32, height=32)
+    fresh = generate(stack, request, store)
+    loaded, _ = store.get(pipe)
+    transformer = loaded.pipeline.transformer
+    blocks = loaded.family.transformer_blocks(transformer)
+    hooks_before = [list(block._diffusers_hook.hooks) for block in blocks]
+    handlers_before = [[h[1] for h in block._diffusers_hook.get_hook("omni_blocks").handlers] for block in blocks]
+    calls = []
+
+    def out_of_memory_at_the_fifth_call(module, args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = transformer.register_forward_pre_hook(out_of_memory_at_the_fifth_call)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            generate(stack, request, store)
+    finally:
+        handle.remove()
+    assert len(calls) == 5, "it failed in the middle of the run"
+    assert [list(block._diffusers_hook.hooks) for block in blocks] == hooks_before
+    assert [[h[1] for h in block._diffusers_hook.get_hook("omni_blocks").handlers] for block in blocks] == \
+        handlers_before == [["omni_offload"]] * len(blocks), "TeaCache's handlers came off, offload's stay"
+    assert not any(p.numel() for block in blocks for p in block.parameters()), "no block left on the device"
+    again = generate(stack, request, store)
+    assert torch.equal(again.latent, fresh.latent)
+    assert again.report.sections["tea_cache"]["branches"] == fresh.report.sections["tea_cache"]["branches"]
+
+
+def test_peak_memory_sees_what_a_step_held(setup):
+    """The CPU peak is sampled every step: 512 MiB held from step 2 to step 3 (and touched, so resident) must
+    show in it, though it is gone before the run ends."""
+    import psutil
+
+    store, pipe = setup
+    generate(pipe, REQUEST, store)  # loaded and warmed up: the run itself adds little
+    held = {}
+
+    def hold_at_step_2(done, total, preview):
+        if done == 2:
+            held["ballast"] = torch.ones(512 * 2**20, dtype=torch.uint8)
+        elif done == 3:
+            held.clear()
+
+    start = psutil.Process().memory_info().rss
+    report = generate(pipe, REQUEST, store, on_step=hold_at_step_2).report
+    assert not held
+    peak = report.counters["memory"]["cpu_rss_peak_bytes"]
+    assert peak >= start + 0.9 * 512 * 2**20, f"peak {peak >> 20} MiB, start {start >> 20} MiB"
+    assert peak < start + 2 * 512 * 2**20, "a peak, not a sum of samples"

@@ -32,6 +32,7 @@ MODELS: dict[str, Callable[[], object]] = {
     "tiny-flux-schnell": lambda: flux.build(guidance_embeds=False),
     "tiny-wan21": lambda: wan.build(experts=1),
     "tiny-wan22": lambda: wan.build(experts=2),
+    "deep-qwen-image": lambda: qwen_image.build("deep"),
     "mid-qwen-image": lambda: qwen_image.build("mid"),
     # hidden 256: GGUF quant types need rows of 32 (K-quants 256) values
     "quant-qwen-image": lambda: qwen_image.build("quant"),
@@ -45,7 +46,7 @@ MODELS: dict[str, Callable[[], object]] = {
     "files-wan21": files.wan,
     "files-wan22": lambda: files.wan(experts=2),
 }
-TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-", "files-")))
+TEST_MODELS = tuple(name for name in MODELS if name.startswith(("tiny-", "quant-", "deep-", "files-")))
 _STAMP = ".omni_tiny_model.json"
 
 # Trained models shipped in the repository (weights committed), linked into a models folder as they are.

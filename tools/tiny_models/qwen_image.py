@@ -24,6 +24,8 @@ from .tokenizer import VISION_TOKENS, build_qwen_tokenizer
 SIZES = {
     # diffusers' own pipeline-test configuration
     "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
+    # tiny's width with 6 blocks: offload tests need more blocks than any residency bound they check
+    "deep": dict(num_layers=6, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
     # 8 blocks, hidden 256: big enough that the transformer dominates a CPU run
     "mid": dict(num_layers=8, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(16, 24, 24)),
     # hidden 256: rows long enough for every GGUF block size (K-quants need multiples of 256)
