@@ -13,7 +13,7 @@ from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, mean_std_latent
-from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
+from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, StepSignal
 
 _TRUE_CFG = (
     "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "
@@ -37,6 +37,22 @@ _QWEN_STEP_SIGNAL = StepSignal(
 )
 
 
+def _native_qwen_modulated_input(block, arguments: dict) -> torch.Tensor:
+    """The same tensor in ComfyUI's QwenImageTransformerBlock (its _modulate takes no modulate_index)."""
+    img_mod1 = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+    return block._modulate(block.img_norm1(arguments["hidden_states"]), img_mod1)[0]
+
+
+# ComfyUI's comfy.ldm.qwen_image.model (Qwen-Image and its Edit models share the class): blocks take keyword
+# streams and return (text, image), as diffusers' do.
+_QWEN_NATIVE = NativeBlocks(
+    class_names=("QwenImageTransformer2DModel",),
+    block_lists=("transformer_blocks",),
+    block_io={"QwenImageTransformerBlock": _QWEN_STEP_SIGNAL.block_io},
+    signal=replace(_QWEN_STEP_SIGNAL, read=_native_qwen_modulated_input),
+)
+
+
 def _vision_patch(source: ModelSource) -> int:
     """Pixels a side of one vision token of the edit models' text encoder (patch x merge: 28 for Qwen2.5-VL)."""
     path = source.folder / "processor" / "processor_config.json"
@@ -49,6 +65,7 @@ class QwenImageFamily(ModelFamily):
     pipeline_classes = ("QwenImagePipeline",)
     cfg_meaning = _TRUE_CFG
     step_signal = _QWEN_STEP_SIGNAL
+    native = _QWEN_NATIVE
     precision_sensitive = (
         PrecisionSensitive(r"\.(img|txt)_mod\.|^norm_out\.", MODULATION),
         PrecisionSensitive(r"^time_text_embed\.|^img_in$|^txt_in$", EMBEDDING),
