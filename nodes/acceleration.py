@@ -1,12 +1,21 @@
-"""What every acceleration node shares: OMNI_PIPE in, the same pipe with one more recipe entry out."""
+"""What the TeaCache and Cache-DiT nodes share: OMNI_PIPE in gives the same pipe with one more recipe entry out;
+ComfyUI's MODEL in gives a patched clone of the MODEL out (nodes/native.py)."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..omni_core import Accelerator, OmniPipe
+from . import native
 from .base import CATEGORY, OmniNode, OmniPipeType
 from .schema import inputs_for
+
+# The output carries what came in. ComfyUI 0.3.75 has no output type that follows an input, so the output is
+# declared as either type (ComfyUI accepts a link when the types overlap) and the editor extension
+# (web/omni_accel.js) narrows it to the type connected to `pipe`, so a MODEL only reaches MODEL inputs.
+PipeOrModel = io.Custom("OMNI_PIPE,MODEL")
+PIPE_TOOLTIP = ("From Omni Loader or another acceleration node (OMNI_PIPE), or ComfyUI's MODEL (e.g. from Load "
+                "Diffusion Model or a LoRA loader): then the output is a MODEL for KSampler or any sampler node.")
 
 
 class AccelerationNode(OmniNode):
@@ -36,8 +45,9 @@ class AccelerationNode(OmniNode):
             display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
             description=cls.DESCRIPTION,
-            inputs=[OmniPipeType.Input("pipe", tooltip="From Omni Loader or another acceleration node."), *cls.settings()],
-            outputs=[OmniPipeType.Output(display_name="pipe", tooltip=cls.OUTPUT_TOOLTIP)],
+            inputs=[io.MultiType.Input("pipe", types=[OmniPipeType, io.Model], tooltip=PIPE_TOOLTIP), *cls.settings()],
+            outputs=[PipeOrModel.Output(display_name="pipe", tooltip=cls.OUTPUT_TOOLTIP)],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -46,5 +56,8 @@ class AccelerationNode(OmniNode):
             cls.build(**settings)
 
     @classmethod
-    def run(cls, pipe: OmniPipe, **settings) -> io.NodeOutput:
-        return io.NodeOutput(pipe.with_accelerator(cls.build(**settings)))
+    def run(cls, pipe, **settings) -> io.NodeOutput:
+        accelerator = cls.build(**settings)
+        if isinstance(pipe, OmniPipe):
+            return io.NodeOutput(pipe.with_accelerator(accelerator))
+        return io.NodeOutput(native.patch(pipe, accelerator, cls.hidden.unique_id if cls.hidden else None))
