@@ -67,6 +67,14 @@ def check_native(accelerator: TeaCache | CacheDiT, model: NativeModel) -> ModelF
 
 
 _BRANCH_NAMES = {0: "cond", 1: "uncond"}
+# A percent that falls on a step's noise level includes that step, whatever float rounding made of the two.
+_WINDOW_TOLERANCE = 1e-5
+
+
+def in_window_of(window: tuple[float, float], sigma: float) -> bool:
+    """end < sigma <= start (EasyCache's reading), with a relative tolerance at both edges."""
+    start, end = window
+    return end * (1 + _WINDOW_TOLERANCE) < sigma <= start * (1 + _WINDOW_TOLERANCE)
 
 
 def branch_name(index: int, occurrence: int) -> str:
@@ -136,7 +144,7 @@ class NativeCacheRun:
         indices = list(cond_or_uncond) if cond_or_uncond and len(cond_or_uncond) == len(uuids) else list(range(len(uuids)))
         keys = self._branches.keys(uuids, sigma)
         step = step_index(self.schedule, sigma)
-        in_window = self.window[1] < sigma <= self.window[0]
+        in_window = in_window_of(self.window, sigma)
         self._call = (step, in_window, [(key, branch_name(index, key[1])) for key, index in zip(keys, indices)])
         try:
             yield
@@ -174,6 +182,7 @@ class NativeCacheRun:
             "model": self.model.class_name,
             "blocks": self.block_count,
             "steps": self.steps,
+            "sigmas": [round(sigma, 6) for sigma in self.schedule],
             "calls_computed": computed,
             "calls_skipped": skipped,
             "settings": {k: v for k, v in accelerator.describe().items() if k != "kind"},
