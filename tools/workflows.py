@@ -40,6 +40,31 @@ SIDE_BY_SIDE = ("qwen_image", "qwen_image_teacache", "qwen_image_cachedit", "qwe
 EDITOR_PICTURE = "qwen_image_fp8_cachedit"
 
 
+# ComfyUI's Wan text encoder (UMT5-XXL) has a fixed size: to run a native workflow on the small models, its
+# text encoding goes through the tests' encoder node (the tiny Wan's own text encoder, ComfyUI's CONDITIONING).
+TEST_TEXT_ENCODER = "OmniTestTextEncode"
+
+
+def with_test_text_encoder(prompt: dict) -> dict:
+    """The prompt with every CLIPTextEncode replaced by the test encoder (same node id, same text) and the
+    CLIPLoaders feeding them removed; other prompts are returned unchanged."""
+    prompt = json.loads(json.dumps(prompt))
+    loaders = set()
+    for node in prompt.values():
+        if node["class_type"] == "CLIPTextEncode":
+            loaders.add(node["inputs"]["clip"][0])
+            node["class_type"] = TEST_TEXT_ENCODER
+            node["inputs"] = {"text": node["inputs"]["text"]}
+    for node_id in loaders:
+        del prompt[node_id]
+    return prompt
+
+
+def is_native(prompt: dict) -> bool:
+    """A native workflow: ComfyUI's own loaders and samplers, the pack's nodes only in between."""
+    return any(node["class_type"] in ("KSampler", "KSamplerAdvanced") for node in prompt.values())
+
+
 def parallel_ranks(prompt: dict) -> int:
     """Ranks a workflow's Parallel Config asks for (1 without one)."""
     ranks = 1
