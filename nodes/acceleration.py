@@ -1,5 +1,5 @@
-"""What the TeaCache and Cache-DiT nodes share: OMNI_PIPE in gives the same pipe with one more recipe entry out;
-ComfyUI's MODEL in gives a patched clone of the MODEL out (nodes/native.py)."""
+"""What every acceleration node shares: OMNI_PIPE in gives the same pipe with one more recipe entry out. The cache
+nodes (TAKES_MODEL) also take ComfyUI's MODEL and then give a patched clone of it out (nodes/native.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class AccelerationNode(OmniNode):
     DESCRIPTION: str
     OUTPUT_TOOLTIP: str
     ACCELERATOR: type[Accelerator]
+    TAKES_MODEL = False  # also ComfyUI's MODEL (the caches, applied per sampling run)
 
     @classmethod
     def settings(cls) -> list[io.Input]:
@@ -45,10 +46,17 @@ class AccelerationNode(OmniNode):
             display_name=cls.DISPLAY_NAME,
             category=CATEGORY,
             description=cls.DESCRIPTION,
-            inputs=[io.MultiType.Input("pipe", types=[OmniPipeType, io.Model], tooltip=PIPE_TOOLTIP), *cls.settings()],
-            outputs=[PipeOrModel.Output(display_name="pipe", tooltip=cls.OUTPUT_TOOLTIP)],
-            hidden=[io.Hidden.unique_id],
+            inputs=[cls.pipe_input(), *cls.settings()],
+            outputs=[(PipeOrModel if cls.TAKES_MODEL else OmniPipeType).Output(display_name="pipe",
+                                                                              tooltip=cls.OUTPUT_TOOLTIP)],
+            hidden=[io.Hidden.unique_id] if cls.TAKES_MODEL else None,
         )
+
+    @classmethod
+    def pipe_input(cls) -> io.Input:
+        if cls.TAKES_MODEL:
+            return io.MultiType.Input("pipe", types=[OmniPipeType, io.Model], tooltip=PIPE_TOOLTIP)
+        return OmniPipeType.Input("pipe", tooltip="From Omni Loader or another acceleration node.")
 
     @classmethod
     def check(cls, pipe=None, **settings) -> None:
@@ -58,6 +66,6 @@ class AccelerationNode(OmniNode):
     @classmethod
     def run(cls, pipe, **settings) -> io.NodeOutput:
         accelerator = cls.build(**settings)
-        if isinstance(pipe, OmniPipe):
+        if isinstance(pipe, OmniPipe) or not cls.TAKES_MODEL:
             return io.NodeOutput(pipe.with_accelerator(accelerator))
         return io.NodeOutput(native.patch(pipe, accelerator, cls.hidden.unique_id if cls.hidden else None))

@@ -16,6 +16,7 @@ class OmniCacheDiT(AccelerationNode):
         "returns a MODEL for any sampler: there the same DBCache rule (Fn/Bn, threshold, warm-up, limits, "
         "TaylorSeer, SCM) runs on the model's own blocks with one cache context per CFG branch."
     )
+    TAKES_MODEL = True
     ACCELERATOR = CacheDiT
     OUTPUT_TOOLTIP = ("The same model with Cache-DiT added to its recipe (applied by the Sampler, for its run only); "
                       "for a MODEL, a MODEL that applies DBCache in each sampling run.")

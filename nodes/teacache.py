@@ -15,6 +15,7 @@ class OmniTeaCache(AccelerationNode):
         "included) and returns a MODEL for KSampler and every other sampler: applied to each sampling run only, "
         "the summary shows on this node and in the console."
     )
+    TAKES_MODEL = True
     ACCELERATOR = TeaCache
     OUTPUT_TOOLTIP = ("The same model with TeaCache added to its recipe (applied by the Sampler, for its run only); "
                       "for a MODEL, a MODEL that applies TeaCache in each sampling run.")

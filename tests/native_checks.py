@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # after ComfyUI's folder: its `nodes` module is not the pack's nodes package
 
 from tools import native_models as nm  # noqa: E402
 

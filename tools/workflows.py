@@ -5,7 +5,9 @@ Chromium on a real server) loads it, and what it writes back is shipped:
   - workflows/<name>.json      the UI workflow, as the editor serializes it (app.graph.serialize),
   - workflows/api/<name>.json  the API twin, as the editor converts the UI file (app.graphToPrompt),
   - workflows/<name>.jpg       the thumbnail ComfyUI's template browser shows: the workflow's own
-                                       output on the small models, produced by running it,
+                                       output on the small models, produced by running it (native
+                                       workflows with the tests' text encoder: ComfyUI's UMT5-XXL has
+                                       a fixed size),
   - docs/images/                       the README's pictures (the stack in the editor, outputs side by side).
 
   .build/venv/bin/python tools/workflows.py [name ...]
@@ -25,8 +27,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.comfy_harness import ROOT, ComfyServer  # noqa: E402
+from tools.comfy_harness import ROOT, ComfyServer, link_native_files  # noqa: E402
 from tools.editor import browser, editor  # noqa: E402
+from tools.native_files import build_native_files  # noqa: E402
 from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
@@ -140,12 +143,16 @@ def main(names: list[str]) -> int:
     # The multi-GPU recipe runs here on CPU ranks (gloo) to make its thumbnail.
     os.environ["OMNI_ACCEL_CPU_RANKS"] = str(max(parallel_ranks(p) for p in prompts.values()))
     models = build_models(ROOT / ".build" / "test-models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
+    native = build_native_files(ROOT / ".build" / "test-models" / "native")
     outputs: dict[str, Image.Image] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         (base / "models" / "diffusers").mkdir(parents=True)
         for path in models:
             (base / "models" / "diffusers" / path.name).symlink_to(path, target_is_directory=True)
+        link_native_files(base / "models", native)
+        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)  # the test encoder the native thumbnails use
+        (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
         with ComfyServer(base) as server, browser() as instance, editor(instance, server) as page:
             for name, prompt in prompts.items():
                 workflow, twin = editor_roundtrip(page, prompt, name)
@@ -153,7 +160,7 @@ def main(names: list[str]) -> int:
                 (API / f"{name}.json").write_text(json.dumps(twin, indent=2) + "\n")
                 if name == EDITOR_PICTURE:
                     page.screenshot(IMAGES / "editor_stack.png")
-                entry = server.run(twin)
+                entry = server.run(with_test_text_encoder(twin) if is_native(twin) else twin)
                 [data] = server.output_files(entry, saver_id(twin))
                 outputs[name] = first_frame(data)
                 thumbnail(outputs[name]).save(WORKFLOWS / f"{name}.jpg", quality=92)
