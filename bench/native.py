@@ -258,6 +258,34 @@ def head_to_head_lines(result: dict) -> list[str]:
     return lines
 
 
+NATIVE_START = "<!-- native-summary:start (written by python bench/native.py from bench/results/native/results.json) -->"
+NATIVE_END = "<!-- native-summary:end -->"
+
+
+def readme_summary(results: dict) -> list[str]:
+    """What the top-level README quotes: the head-to-head table, from results.json alone."""
+    [result] = results["scenarios"]
+    request = result["request"]
+    return [f"From `{results['command']}` ({results['seconds'] / 60:.0f} min, {results['machine']}); every row, raw "
+            "times and the fronts in [`bench/results/native/`](bench/results/native/README.md). Reference model loaded "
+            f"natively, {request['width']}x{request['height']}, {request['steps']} steps, {request['sampler']} / "
+            f"{request['scheduler']}, cfg {request['cfg']:g}; speed on {len(result['prompts'])} prompts, the gate "
+            f"(PSNR >= 30 dB and SSIM >= 0.97 against the uncached native run, prompt accuracy within one prompt of "
+            f"its) on the timed prompts and all {result['held_out']['prompts']} held-out prompts:", "",
+            *head_to_head_lines(result)]
+
+
+def write_readme_summary(results_path: Path, readme: Path) -> None:
+    import json
+
+    lines = readme_summary(json.loads(results_path.read_text()))
+    text = readme.read_text()
+    if NATIVE_START not in text or NATIVE_END not in text:
+        raise ValueError(f"{readme} has no native-summary markers")
+    head, rest = text.split(NATIVE_START, 1)
+    readme.write_text(head + NATIVE_START + "\n" + "\n".join(lines) + "\n" + NATIVE_END + rest.split(NATIVE_END, 1)[1])
+
+
 def same_settings_lines(result: dict, diffusers_results: Path) -> list[str]:
     """Our caches at the same settings in ComfyUI's sampling and in the pack's diffusers path (bench/run.py): how
     far each moves from its own uncached picture."""
@@ -300,7 +328,13 @@ def main(argv=None) -> int:
                         help="torch threads (1: a model this small spends a second thread's gain waiting on it, and "
                              "shared machines do not disturb the ratios)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "native")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the README's head-to-head block from the committed results.json")
     args = parser.parse_args(argv)
+    default_out = args.out == ROOT / "bench" / "results" / "native"
+    if args.render:
+        write_readme_summary(args.out / "results.json", ROOT / "README.md")
+        return 0
     settings(args)
     comfy_process()
     import torch
@@ -357,6 +391,8 @@ def main(argv=None) -> int:
     text = readme.read_text().replace("(generate + VAE decode)", "(comfy.sample.sample + VAE decode; each prompt's "
                                       "CONDITIONING is made once, as ComfyUI keeps CLIPTextEncode's output)")
     readme.write_text(text.replace("\n## ", "\n" + "\n".join(extra) + "\n## ", 1) if "\n## " in text else text + "\n".join(extra))
+    if default_out:
+        write_readme_summary(args.out / "results.json", ROOT / "README.md")
     log(f"wrote {args.out} in {seconds:.0f} s")
     medians = {e['row']: e for e in result["head_to_head"].values() if e["row"]}
     log("head to head: " + ", ".join(f"{name} {e['speedup']:.2f}x" for name, e in medians.items()))

@@ -65,9 +65,9 @@ def prepare_base_dir(base: Path) -> Path:
     return base
 
 
-def link_native_files(models: Path, files: dict[str, Path]) -> None:
-    """Links the small native model files (tools/native_files.py) into a ComfyUI models folder, with a placeholder
-    for the text encoder the native workflows name (listed by CLIPLoader, never loaded by the tests)."""
+def link_native_files(models: Path, files: dict[str, Path], placeholder: bool = True) -> None:
+    """Links the small native model files (tools/native_files.py) into a ComfyUI models folder, with (for tests) a
+    placeholder for the text encoder the native workflows name (listed by CLIPLoader, never loaded)."""
     from tools.native_files import WAN_TEXT_ENCODER, placeholder_text_encoder
 
     for path in files.values():
@@ -75,7 +75,8 @@ def link_native_files(models: Path, files: dict[str, Path]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             target.symlink_to(path)
-    placeholder_text_encoder(models / "text_encoders" / WAN_TEXT_ENCODER)
+    if placeholder:
+        placeholder_text_encoder(models / "text_encoders" / WAN_TEXT_ENCODER)
 
 
 def extra_model_paths_yaml(path: Path, models_dirs: list[Path]) -> Path:

@@ -181,13 +181,6 @@ class Editor:
             return replaced;
         }""", node_type)
 
-    def node_texts(self, node_id: int) -> list[str]:
-        """Text the node shows below its widgets (ComfyUI's progress text) and in its text widgets."""
-        return self.page.evaluate("""(id) => {
-            const node = app.graph.getNodeById(id);
-            return (node?.widgets ?? []).map(w => w.value).filter(v => typeof v === "string");
-        }""", node_id)
-
     def widget_value(self, node_id: int, widget: str):
         return self.page.evaluate(
             "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value", [node_id, widget])

@@ -1,6 +1,6 @@
 """make serve: ComfyUI with the pack in the foreground on 127.0.0.1.
 
-The project's small models are always available; --models-dir adds a ComfyUI models folder of your own
+The project's small models (and the native workflows' small Wan files) are always available; --models-dir adds a ComfyUI models folder of your own
 (with diffusers/, diffusion_models/, text_encoders/, vae/, ...).
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.tiny_models import REFERENCE_MODEL, TEST_MODELS, build_models  # noqa: E402
-from tools.comfy_harness import BUILD, comfyui_command, extra_model_paths_yaml, prepare_base_dir  # noqa: E402
+from tools.comfy_harness import BUILD, comfyui_command, extra_model_paths_yaml, link_native_files, prepare_base_dir  # noqa: E402
+from tools.native_files import build_native_files  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--port", type=int, default=8188)
@@ -23,6 +24,8 @@ args = parser.parse_args()
 
 base = prepare_base_dir(BUILD / "base")
 build_models(base / "models" / "diffusers", TEST_MODELS + (REFERENCE_MODEL,))
+# the native workflows' small Wan files (their text encoder, UMT5-XXL, has no small version: pick yours)
+link_native_files(base / "models", build_native_files(BUILD / "test-models" / "native"), placeholder=False)
 extra = []
 if args.models_dir:
     models_dir = Path(args.models_dir).expanduser().resolve()

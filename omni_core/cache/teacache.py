@@ -88,10 +88,11 @@ class TeaCache(Accelerator):
         valid=f"0 to {MAX_THRESHOLD:g} (0.1-0.2 minimal loss, 0.4 slight, 0.6-0.8 noticeable)")
     start_percent: float = setting(
         float, 0.0, "Steps before this fraction of the run always compute (protects the composition formed early). "
-        "Wan's published tables expect 0.1 at 50 steps.", min=0.0, max=1.0, step=0.01)
+        "Wan's published tables expect 0.1 at 50 steps. On a ComfyUI MODEL the fraction is of the sampling timeline, "
+        "read as ComfyUI's EasyCache reads it (the model's own percent to noise level).", min=0.0, max=1.0, step=0.01)
     end_percent: float = setting(
-        float, 1.0, "Steps from this fraction on always compute (protects the fine detail of the last steps).",
-        min=0.0, max=1.0, step=0.01)
+        float, 1.0, "Steps from this fraction on always compute (protects the fine detail of the last steps); on a "
+        "ComfyUI MODEL, of the sampling timeline as for start_percent.", min=0.0, max=1.0, step=0.01)
     coefficients: tuple[float, ...] | None = setting(
         str, "", "Override the family's rescaling polynomial: comma-separated, highest power first (e.g. from "
         "python -m omni_core.cache.calibrate). Empty = the family's table.", optional=True, parse=parse_coefficients)
