@@ -116,17 +116,22 @@ def held_out_check(result: dict, rows: list[Row], pipe: OmniPipe, store: ModelSt
     """Prompt accuracy and quality on all held-out prompts (untimed) for the baseline, each method's default
     row, and per method the fastest rows that meet the gate on the timed prompts until one also meets it on
     all of them (at most `candidates_per_method` tried). Adds `held_out` to the scenario."""
-    from reference_model.shapes import accuracy
-
     requests = reference_requests(scenes, steps)
     by_name = {row.name: row for row in rows}
-    baseline = images_for(by_name["baseline"], pipe, store, requests)
+    check_held_out(result, scenes, lambda name: images_for(by_name[name], pipe, store, requests), candidates_per_method)
+
+
+def check_held_out(result: dict, scenes, images_of, candidates_per_method: int) -> None:
+    """held_out_check for any way of making a row's pictures: `images_of(row name)` gives them for `scenes`."""
+    from reference_model.shapes import accuracy
+
+    baseline = images_of("baseline")
     base_accuracy = accuracy(scenes, baseline)["all"]
     checked: dict[str, dict] = {}
 
     def check(name: str) -> dict:
         if name not in checked:
-            images = images_for(by_name[name], pipe, store, requests)
+            images = images_of(name)
             scores = [pair_scores(a, b) for a, b in zip(images, baseline)]
             checked[name] = {
                 "accuracy": accuracy(scenes, images)["all"],

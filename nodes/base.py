@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..omni_core import InvalidInput, OmniError
+from ..omni_core import InvalidInput, OmniError, OmniPipe
 from .schema import schema_problem
 
 CATEGORY = "Omni Accel"
@@ -43,9 +43,21 @@ class OmniNode(io.ComfyNode):
         if problem:
             name, _, rest = problem.partition(": ")
             raise InvalidInput(name, rest)
+        _refuse_models_on_pipe_inputs(cls.define_schema(), inputs)
         cls.check(**inputs)
         return cls.run(**inputs)
 
     @classmethod
     def run(cls, **inputs) -> io.NodeOutput:
         raise NotImplementedError
+
+
+def _refuse_models_on_pipe_inputs(schema: io.Schema, values: dict) -> None:
+    """The cache nodes' output is a MODEL when a MODEL went in; the editor keeps it from OMNI_PIPE inputs, a
+    prompt written by hand may not."""
+    for spec in schema.inputs or []:
+        value = values.get(spec.id)
+        if spec.get_io_type() == OmniPipeType.io_type and value is not None and not isinstance(value, OmniPipe):
+            raise InvalidInput(spec.id, f"got {type(value).__name__}, not an OMNI_PIPE: a cache node given ComfyUI's "
+                               "MODEL returns a MODEL, which goes to KSampler (or another sampler node), not to "
+                               "Omni Accel's Sampler or other OMNI_PIPE nodes.", "an OMNI_PIPE from Omni Loader")

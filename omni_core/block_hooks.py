@@ -91,6 +91,9 @@ def hooked_blocks(root: torch.nn.Module, blocks: list[torch.nn.Module], handler:
                   priority: int = CACHE) -> Iterator[None]:
     """`handler` on every block for the duration of the context; everything it added is removed after."""
     created = [block for block in blocks if not hasattr(block, "_diffusers_hook")]
+    # HookRegistry restores a block's forward as an instance attribute; one the block did not have is removed
+    # again, so a later patch of the block class's forward still reaches it.
+    own_forward = {id(block) for block in blocks if "forward" in vars(block)}
     installed = []
     try:
         for block in blocks:
@@ -107,6 +110,9 @@ def hooked_blocks(root: torch.nn.Module, blocks: list[torch.nn.Module], handler:
         for block in created:
             if hasattr(block, "_diffusers_hook") and not block._diffusers_hook.hooks:
                 del block._diffusers_hook
+                restored = vars(block).get("forward")
+                if id(block) not in own_forward and getattr(restored, "__func__", None) is type(block).forward:
+                    del block.forward
         _invalidate(root)
 
 

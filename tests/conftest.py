@@ -37,11 +37,20 @@ def comfy_files(model_dirs) -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, model_dirs, comfy_files):
-    from tools.comfy_harness import ComfyServer, install_test_models
+def native_files() -> dict[str, Path]:
+    """name -> path of the small files ComfyUI's own loaders accept (tools/native_files.py), built once."""
+    from tools.native_files import build_native_files
+
+    return build_native_files(MODELS_CACHE / "native")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, model_dirs, comfy_files, native_files):
+    from tools.comfy_harness import ComfyServer, install_test_models, link_native_files
 
     base = tmp_path_factory.mktemp("comfy-base")
     install_test_models(base / "models", tuple(model_dirs))
+    link_native_files(base / "models", native_files)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
     # Previews as `make serve` has them, but one every step (no time throttle), so tests can count them.

@@ -152,3 +152,19 @@ spec.loader.exec_module(pack)
                          text=True, cwd=str(BUILD / "comfyui"), timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
+
+
+def run_check(name: str, timeout: float = 600, **kwargs):
+    """Runs tests/native_checks.py's function `name(**kwargs)` in a fresh process with ComfyUI importable (CPU)
+    and the pack loaded as `omni_pack` (run_in_comfyui); returns what it returned (JSON values)."""
+    checks = ROOT / "tests" / "native_checks.py"
+    script = f"""
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("omni_native_checks", {str(checks)!r})
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+print("OMNI_RESULT " + json.dumps(checks.{name}(**json.loads({json.dumps(kwargs)!r}))))
+"""
+    out = run_in_comfyui(script, timeout=timeout)
+    line = next(line for line in reversed(out.splitlines()) if line.startswith("OMNI_RESULT "))
+    return json.loads(line[len("OMNI_RESULT "):])

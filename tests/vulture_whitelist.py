@@ -30,3 +30,15 @@ _.tile_sample_min_size
 _.tile_latent_min_size
 # the tokenizers library reads the pre-tokenizer it is given
 _.pre_tokenizer
+# ComfyUI reads a latent format's dimensions (tools/native_models.reference_patcher sets them)
+_.latent_dimensions
+# called by name in a fresh ComfyUI process: tests.helpers.run_check, tools.native_files.build_native_files
+_.dbcache_cases
+_.zero_threshold_is_identical
+_.sampler_steps
+_.lora_then_cache
+_.error_and_cancel_leave_nothing
+_.refusals
+_.teacache_window_as_easycache_reads_it
+_.teacache_branch_sweep
+_.write

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -99,6 +100,20 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target, target_is_directory=target.is_dir())
 
 
+def link_native_files(models: Path, files: dict[str, Path], placeholder: bool = True) -> None:
+    """Links the small native model files (tools/native_files.py) into a ComfyUI models folder, with (for tests) a
+    placeholder for the text encoder the native workflows name (listed by CLIPLoader, never loaded)."""
+    from tools.native_files import WAN_TEXT_ENCODER, placeholder_text_encoder
+
+    for path in files.values():
+        target = models / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(path)
+    if placeholder:
+        placeholder_text_encoder(models / "text_encoders" / WAN_TEXT_ENCODER)
+
+
 def extra_model_paths_yaml(path: Path, models_dirs: list[Path]) -> Path:
     """ComfyUI's extra_model_paths format: one section per external models folder."""
     kinds = ("diffusers", "diffusion_models", "text_encoders", "vae", "checkpoints", "loras", "unet", "clip")
@@ -149,6 +164,7 @@ class ComfyServer:
         self._progress: dict[str, list[int]] = {}
         self._cached: dict[str, list[str]] = {}
         self.previews: list[bytes] = []  # preview images the server sent (binary websocket frames)
+        self.texts: list[tuple[str, str]] = []  # (node id, text) shown on nodes (ComfyUI's progress text)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> "ComfyServer":
@@ -183,8 +199,13 @@ class ComfyServer:
             if not message:
                 break  # closed
             if not isinstance(message, str):
-                with self._events:  # 4-byte event type, 4-byte image format, then the image
-                    self.previews.append(message[8:])
+                with self._events:
+                    if struct.unpack(">I", message[:4])[0] == 3:  # text: 4-byte node id length, node id, text
+                        length = struct.unpack(">I", message[4:8])[0]
+                        self.texts.append((message[8:8 + length].decode(), message[8 + length:].decode()))
+                    else:  # 4-byte event type, 4-byte image format, then the image
+                        self.previews.append(message[8:])
+                    self._events.notify_all()
                 continue
             event = json.loads(message)
             data = event.get("data") or {}

@@ -153,6 +153,34 @@ class Editor:
         box.click()
         box.fill(text)
 
+    def replace_text_encoders(self, node_type: str) -> list[int]:
+        """Replaces every CLIPTextEncode by a `node_type` node (same id, place, text and links) and removes the
+        CLIPLoaders that fed them, as a user would rewire the graph; returns the replaced nodes' ids."""
+        return self.page.evaluate("""(nodeType) => {
+            const graph = app.graph;
+            const replaced = [];
+            for (const old of [...graph._nodes].filter(n => n.type === "CLIPTextEncode")) {
+                const id = old.id, pos = [...old.pos], text = old.widgets.find(w => w.name === "text").value;
+                const targets = (old.outputs[0].links ?? []).map(l => graph.getLink?.(l) ?? graph.links.get?.(l) ?? graph.links[l])
+                    .map(link => [link.target_id, link.target_slot]);
+                const clip = graph.getLink?.(old.inputs[0].link) ?? graph.links.get?.(old.inputs[0].link) ?? graph.links[old.inputs[0].link];
+                graph.remove(old);
+                if (clip) {
+                    const loader = graph.getNodeById(clip.origin_id);
+                    if (loader && !(loader.outputs[0].links ?? []).length) graph.remove(loader);
+                }
+                const node = LiteGraph.createNode(nodeType);
+                node.id = id;
+                node.pos = pos;
+                graph.add(node);
+                node.widgets.find(w => w.name === "text").value = text;
+                for (const [target, slot] of targets) node.connect(0, graph.getNodeById(target), slot);
+                replaced.push(node.id);
+            }
+            graph.setDirtyCanvas(true, true);
+            return replaced;
+        }""", node_type)
+
     def widget_value(self, node_id: int, widget: str):
         return self.page.evaluate(
             "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value", [node_id, widget])

@@ -1,6 +1,6 @@
 """make serve: ComfyUI with the pack in the foreground on 127.0.0.1.
 
-The project's small models are always available; --models-dir adds a ComfyUI models folder of your own
+The project's small models (and the native workflows' small Wan files) are always available; --models-dir adds a ComfyUI models folder of your own
 (with diffusers/, diffusion_models/, text_encoders/, vae/, ...).
 """
 
@@ -14,8 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.comfy_harness import (  # noqa: E402
-    BUILD, comfyui_command, extra_model_paths_yaml, install_test_models, prepare_base_dir,
+    BUILD, comfyui_command, extra_model_paths_yaml, install_test_models, link_native_files, prepare_base_dir,
 )
+from tools.native_files import build_native_files  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--port", type=int, default=8188)
@@ -24,6 +25,8 @@ args = parser.parse_args()
 
 base = prepare_base_dir(BUILD / "base")
 install_test_models(base / "models")
+# the native workflows' small Wan files (their text encoder, UMT5-XXL, has no small version: pick yours)
+link_native_files(base / "models", build_native_files(BUILD / "test-models" / "native"), placeholder=False)
 extra = []
 if args.models_dir:
     models_dir = Path(args.models_dir).expanduser().resolve()

@@ -5,7 +5,9 @@ Chromium on a real server) loads it, and what it writes back is shipped:
   - workflows/<name>.json      the UI workflow, as the editor serializes it (app.graph.serialize),
   - workflows/api/<name>.json  the API twin, as the editor converts the UI file (app.graphToPrompt),
   - workflows/<name>.jpg       the thumbnail ComfyUI's template browser shows: the workflow's own
-                                       output on the small models, produced by running it,
+                                       output on the small models, produced by running it (native
+                                       workflows with the tests' text encoder: ComfyUI's UMT5-XXL has
+                                       a fixed size),
   - docs/images/                       the README's pictures (the stack in the editor, outputs side by side).
 
   .build/venv/bin/python tools/workflows.py [name ...]
@@ -25,8 +27,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.comfy_harness import ROOT, ComfyServer, install_test_models  # noqa: E402
+from tools.comfy_harness import ROOT, ComfyServer, install_test_models, link_native_files  # noqa: E402
 from tools.editor import browser, editor  # noqa: E402
+from tools.native_files import build_native_files  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api"
@@ -37,6 +40,31 @@ SAVERS = ("SaveImage", "SaveAnimatedWEBP")
 SIDE_BY_SIDE = ("qwen_image", "qwen_image_teacache", "qwen_image_cachedit", "qwen_image_fp8_cachedit",
                 "qwen_image_dbcache_taylorseer")
 EDITOR_PICTURE = "qwen_image_fp8_cachedit"
+
+
+# ComfyUI's Wan text encoder (UMT5-XXL) has a fixed size: to run a native workflow on the small models, its
+# text encoding goes through the tests' encoder node (the tiny Wan's own text encoder, ComfyUI's CONDITIONING).
+TEST_TEXT_ENCODER = "OmniTestTextEncode"
+
+
+def with_test_text_encoder(prompt: dict) -> dict:
+    """The prompt with every CLIPTextEncode replaced by the test encoder (same node id, same text) and the
+    CLIPLoaders feeding them removed; other prompts are returned unchanged."""
+    prompt = json.loads(json.dumps(prompt))
+    loaders = set()
+    for node in prompt.values():
+        if node["class_type"] == "CLIPTextEncode":
+            loaders.add(node["inputs"]["clip"][0])
+            node["class_type"] = TEST_TEXT_ENCODER
+            node["inputs"] = {"text": node["inputs"]["text"]}
+    for node_id in loaders:
+        del prompt[node_id]
+    return prompt
+
+
+def is_native(prompt: dict) -> bool:
+    """A native workflow: ComfyUI's own loaders and samplers, the pack's nodes only in between."""
+    return any(node["class_type"] in ("KSampler", "KSamplerAdvanced") for node in prompt.values())
 
 
 def parallel_ranks(prompt: dict) -> int:
@@ -113,10 +141,14 @@ def main(names: list[str]) -> int:
     prompts = {p.stem: json.loads(p.read_text()) for p in sources}
     # The multi-GPU recipe runs here on CPU ranks (gloo) to make its thumbnail.
     os.environ["OMNI_ACCEL_CPU_RANKS"] = str(max(parallel_ranks(p) for p in prompts.values()))
+    native = build_native_files(ROOT / ".build" / "test-models" / "native")
     outputs: dict[str, Image.Image] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         install_test_models(base / "models")
+        link_native_files(base / "models", native)
+        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)  # the test encoder the native thumbnails use
+        (base / "custom_nodes" / "omni_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
         with ComfyServer(base) as server, browser() as instance, editor(instance, server) as page:
             for name, prompt in prompts.items():
                 workflow, twin = editor_roundtrip(page, prompt, name)
@@ -124,7 +156,7 @@ def main(names: list[str]) -> int:
                 (API / f"{name}.json").write_text(json.dumps(twin, indent=2) + "\n")
                 if name == EDITOR_PICTURE:
                     page.screenshot(IMAGES / "editor_stack.png")
-                entry = server.run(twin)
+                entry = server.run(with_test_text_encoder(twin) if is_native(twin) else twin)
                 [data] = server.output_files(entry, saver_id(twin))
                 outputs[name] = first_frame(data)
                 thumbnail(outputs[name]).save(WORKFLOWS / f"{name}.jpg", quality=92)

@@ -25,3 +25,65 @@ app.registerExtension({
     };
   },
 });
+
+// The cache nodes take an OMNI_PIPE or ComfyUI's MODEL on `pipe` and return the same kind: the backend declares the
+// output as either type (ComfyUI 0.3.75 has no output type that follows an input), and here the output socket
+// takes the type of what is connected to `pipe` (both when nothing is), so a MODEL only links to MODEL inputs and
+// an OMNI_PIPE only to the pack's nodes. Links the new type cannot feed are removed.
+const CACHE_NODES = ["OmniTeaCache", "OmniCacheDiT"];
+const EITHER = "OMNI_PIPE,MODEL";
+const KINDS = ["OMNI_PIPE", "MODEL"];
+
+function linkOf(graph, id) {
+  if (id == null || !graph) return null;
+  return graph.getLink?.(id) ?? graph.links?.get?.(id) ?? graph.links?.[id] ?? null;
+}
+
+function incomingKind(node) {
+  const input = node.inputs?.find((slot) => slot.name === "pipe");
+  const link = linkOf(node.graph, input?.link);
+  if (!link) return null;
+  if (KINDS.includes(link.type)) return link.type;
+  const origin = node.graph.getNodeById(link.origin_id);
+  const type = origin?.outputs?.[link.origin_slot]?.type;
+  return KINDS.includes(type) ? type : null;
+}
+
+function followInput(node) {
+  const output = node.outputs?.[0];
+  if (!output) return;
+  const type = incomingKind(node) ?? EITHER;
+  if (output.type === type) return;
+  output.type = type;
+  for (const id of [...(output.links ?? [])]) {
+    const link = linkOf(node.graph, id);
+    if (!link) continue;
+    const target = node.graph.getNodeById(link.target_id);
+    const accepts = target?.inputs?.[link.target_slot]?.type;
+    if (type !== EITHER && accepts != null && !LiteGraph.isValidConnection(type, accepts)) {
+      target.disconnectInput(link.target_slot);
+    } else {
+      link.type = type;
+    }
+  }
+  node.setDirtyCanvas?.(true, true);
+}
+
+app.registerExtension({
+  name: "OmniAccel.CacheOutputFollowsInput",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!CACHE_NODES.includes(nodeData.name)) return;
+    const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+    nodeType.prototype.onConnectionsChange = function (side, slot, connected, linkInfo, ioSlot) {
+      const result = onConnectionsChange?.apply(this, arguments);
+      if (side === LiteGraph.INPUT && this.inputs?.[slot]?.name === "pipe") followInput(this);
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      followInput(this);  // a loaded workflow: its links are in the graph already
+      return result;
+    };
+  },
+});

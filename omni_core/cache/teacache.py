@@ -30,7 +30,7 @@ from ..families import FAMILIES
 from ..families.facts import Coefficients, StepSignal
 from ..recipe import Accelerator
 from ..settings import setting
-from .support import CallPositions
+from .support import Call, CallPositions, Chunk
 
 log = logging.getLogger("omni_accel")
 
@@ -88,10 +88,11 @@ class TeaCache(Accelerator):
         valid=f"0 to {MAX_THRESHOLD:g} (0.1-0.2 minimal loss, 0.4 slight, 0.6-0.8 noticeable)")
     start_percent: float = setting(
         float, 0.0, "Steps before this fraction of the run always compute (protects the composition formed early). "
-        "Wan's published tables expect 0.1 at 50 steps.", min=0.0, max=1.0, step=0.01)
+        "Wan's published tables expect 0.1 at 50 steps. On a ComfyUI MODEL the fraction is of the sampling timeline, "
+        "read as ComfyUI's EasyCache reads it (the model's own percent to noise level).", min=0.0, max=1.0, step=0.01)
     end_percent: float = setting(
-        float, 1.0, "Steps from this fraction on always compute (protects the fine detail of the last steps).",
-        min=0.0, max=1.0, step=0.01)
+        float, 1.0, "Steps from this fraction on always compute (protects the fine detail of the last steps); on a "
+        "ComfyUI MODEL, of the sampling timeline as for start_percent.", min=0.0, max=1.0, step=0.01)
     coefficients: tuple[float, ...] | None = setting(
         str, "", "Override the family's rescaling polynomial: comma-separated, highest power first (e.g. from "
         "python -m omni_core.cache.calibrate). Empty = the family's table.", optional=True, parse=parse_coefficients)
@@ -121,120 +122,35 @@ class TeaCache(Accelerator):
     def applied(self, run) -> Iterator[None]:
         support = run.family.step_signal
         controllers = []
+        total = run.request.steps
+        window = (round(self.start_percent * total), round(self.end_percent * total))
         with ExitStack() as stack:
             for name, denoiser in run.denoisers().items():
                 blocks = run.family.transformer_blocks(denoiser)
-                controller = TeaCacheController(self, support, self.table(support, len(blocks)), run, name, blocks)
+                controller = TeaCacheController(
+                    self, support, self.table(support, len(blocks)), blocks, lambda block: support.block_io,
+                    pipeline_calls(run, name, window), reduce_sum=run.reduce_sum)
                 controllers.append(controller)
                 stack.enter_context(hooked_blocks(denoiser, blocks, controller.on_block, "omni_tea_cache"))
             try:
                 yield
             finally:
                 with run.report.writing("TeaCache"):
-                    write_report(self, controllers, run)
+                    write_report(self, controllers, run, window)
 
 
-@dataclass
-class Branch:
-    """One branch's history: decisions, signals and accumulator per step."""
+def pipeline_calls(run, denoiser: str, window: tuple[int, int]):
+    """The calls of a diffusers pipeline's transformer: one branch per call position within the step; batched
+    CFG rows (Z-Image) are named cond and uncond."""
+    positions = CallPositions()
+    request = run.request
+    per_step = run.pipeline_call.transformer_calls_per_step
+    calls = ["cond", "uncond"][:per_step] if per_step <= 2 else [f"call{i}" for i in range(per_step)]
 
-    pattern: list[str] = field(default_factory=list)  # "C" computed, "S" skipped, per call
-    wanted: list[str] = field(default_factory=list)  # the branch's own decision, per call
-    rel_l1: list[float] = field(default_factory=list)
-    accumulated: list[float] = field(default_factory=list)
-
-
-@dataclass
-class CallState:
-    """What one branch group (a call position within the step) carries from call to call."""
-
-    previous_signal: torch.Tensor | None = None
-    accumulated: torch.Tensor | None = None  # per row
-    consecutive_skips: torch.Tensor | None = None  # per row
-    residual: torch.Tensor | None = None
-    branches: list[Branch] = field(default_factory=list)
-
-
-class TeaCacheController:
-    """Decides per transformer call and applies the decision through the block hooks of one denoiser."""
-
-    def __init__(self, config: TeaCache, support: StepSignal, table: Coefficients, run, denoiser: str, blocks):
-        self.config = config
-        self.support = support
-        self.table = table
-        self.run = run
-        self.denoiser = denoiser
-        self.first, self.last = blocks[0], blocks[-1]
-        self.states: dict[int, CallState] = {}
-        self.positions = CallPositions()
-        self.skipping = False
-        self._stack_input: torch.Tensor | None = None
-        self._active: CallState | None = None
-        total = run.request.steps
-        self.window = (round(config.start_percent * total), round(config.end_percent * total))
-
-    # --- block hooks ------------------------------------------------------------------------------
-    def on_block(self, block, original_forward, args, kwargs):
-        io = self.support.block_io
-        if block is self.first:
-            arguments = bound_arguments(block, args, kwargs)
-            self._begin_call(block, arguments)
-        if self.skipping:
-            arguments = bound_arguments(block, args, kwargs)
-            if block is self.last:
-                return io.output(arguments, self._stack_input + self._active.residual)
-            return io.output(arguments, io.stream_in(arguments))
-        output = original_forward(*args, **kwargs)
-        if block is self.last:
-            self._active.residual = io.stream_out(output) - self._stack_input
-        return output
-
-    # --- decisions --------------------------------------------------------------------------------
-    def _begin_call(self, block, arguments: dict) -> None:
-        step = self.run.steps_done
-        state = self.states.setdefault(self.positions.next(step), CallState())
-        self._active = state
-        self._stack_input = self.support.block_io.stream_in(arguments)
-        ensure_ready(block)
-        signal = self.support.read(block, arguments).detach()
-        rows = signal.shape[0]
-        if state.accumulated is None or state.accumulated.shape[0] != rows:
-            state.accumulated = torch.zeros(rows)
-            state.consecutive_skips = torch.zeros(rows, dtype=torch.long)
-            state.branches = [Branch() for _ in range(rows)]
-            state.previous_signal = None
-            state.residual = None
-
-        in_window = self.window[0] <= step < self.window[1]
-        if state.previous_signal is None or state.residual is None:
-            rel = torch.full((rows,), float("inf"))
-        else:
-            rel = relative_l1(signal, state.previous_signal, self.run.reduce_sum).cpu()
-        state.previous_signal = signal
-        finite = torch.isfinite(rel)
-        state.accumulated = state.accumulated + torch.where(finite, rescale(self.table.values, torch.where(finite, rel, 0.0)), 0.0)
-        bound = self.config.max_consecutive_skips
-        wants_skip = finite & (state.accumulated < self.config.rel_l1_thresh) & in_window
-        if bound >= 0:
-            wants_skip &= state.consecutive_skips < bound
-        self.skipping = bool(wants_skip.all())
-
-        for row, branch in enumerate(state.branches):
-            branch.wanted.append("S" if wants_skip[row] else "C")
-            branch.pattern.append("S" if self.skipping else "C")
-            branch.rel_l1.append(round(float(rel[row]), 6) if finite[row] else None)
-            branch.accumulated.append(round(float(state.accumulated[row]), 6))
-        # A branch that decided to compute starts accumulating afresh; one computed only because
-        # another row needed it keeps its accumulator (its own decisions stay independent).
-        state.accumulated = torch.where(wants_skip, state.accumulated, torch.zeros_like(state.accumulated))
-        state.consecutive_skips = state.consecutive_skips + 1 if self.skipping else torch.zeros_like(state.consecutive_skips)
-
-    # --- reporting --------------------------------------------------------------------------------
-    def branch_names(self, call_index: int, rows: int) -> list[str]:
-        request = self.run.request
-        per_step = self.run.pipeline_call.transformer_calls_per_step
-        calls = ["cond", "uncond"][:per_step] if per_step <= 2 else [f"call{i}" for i in range(per_step)]
-        call_name = calls[call_index] if call_index < len(calls) else f"call{call_index}"
+    def call(rows: int) -> Call:
+        step = run.steps_done
+        position = positions.next(step)
+        call_name = calls[position] if position < len(calls) else f"call{position}"
         batched_cfg = rows == 2 * request.batch_size and per_step == 1 and request.cfg > 1
         names = []
         for row in range(rows):
@@ -242,30 +158,153 @@ class TeaCacheController:
             if batched_cfg:
                 name, item = ("cond", row) if row < request.batch_size else ("uncond", row - request.batch_size)
             names.append(name if request.batch_size == 1 else f"{name}#{item}")
-        return [n if self.denoiser == "transformer" else f"{self.denoiser}/{n}" for n in names]
+        names = [n if denoiser == "transformer" else f"{denoiser}/{n}" for n in names]
+        return Call(step, (Chunk(position, tuple(names)),), window[0] <= step < window[1])
 
+    return call
+
+
+@dataclass
+class Branch:
+    """One branch's history: decisions, signals and accumulator per call."""
+
+    pattern: list[str] = field(default_factory=list)  # "C" computed, "S" skipped, per call
+    wanted: list[str] = field(default_factory=list)  # the branch's own decision, per call
+    rel_l1: list[float] = field(default_factory=list)
+    accumulated: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # the step of each call
+
+
+@dataclass
+class ChunkState:
+    """What one branch group (the rows of one chunk) carries from call to call."""
+
+    previous_signal: torch.Tensor | None = None
+    accumulated: torch.Tensor | None = None  # per row
+    consecutive_skips: torch.Tensor | None = None  # per row
+    residual: torch.Tensor | None = None
+    branches: list[Branch] = field(default_factory=list)
+    names: tuple[str, ...] = ()
+
+
+class TeaCacheController:
+    """Decides per transformer call and applies the decision through the block hooks of one denoiser.
+
+    `calls(rows)` describes the call that is starting (its step, window and branch chunks); `io_of(block)` says
+    how a block takes and returns its streams; `copy_input`: the blocks update their inputs in place, so the
+    stack's input is copied before they run.
+    """
+
+    def __init__(self, config: TeaCache, support: StepSignal, table: Coefficients, blocks, io_of, calls,
+                 reduce_sum=None, copy_input: bool = False):
+        self.config = config
+        self.support = support
+        self.table = table
+        self.io_of = io_of
+        self.calls = calls
+        self.reduce_sum = reduce_sum
+        self.copy_input = copy_input
+        self.first, self.last = blocks[0], blocks[-1]
+        self.states: dict = {}
+        self.skipping = False
+        self._stack_input: torch.Tensor | None = None
+        self._tokens: int | None = None
+        self._active: list[tuple[ChunkState, slice]] = []
+        self.computed = 0  # transformer calls, counted once per call (a batched call holds several branches)
+        self.skipped = 0
+
+    # --- block hooks ------------------------------------------------------------------------------
+    def on_block(self, block, original_forward, args, kwargs):
+        io = self.io_of(block)
+        if block is self.first:
+            arguments = bound_arguments(block, args, kwargs)
+            self._begin_call(block, arguments)
+        if self.skipping:
+            arguments = bound_arguments(block, args, kwargs)
+            if block is self.last:
+                residual = torch.cat([state.residual for state, _ in self._active])
+                return io.output(arguments, self._stack_input + residual, self._tokens)
+            return io.output(arguments, io.stream_in(arguments, self._tokens), self._tokens)
+        output = original_forward(*args, **kwargs)
+        if block is self.last:
+            residual = io.stream_out(output, self._tokens) - self._stack_input
+            for state, rows in self._active:
+                state.residual = residual[rows]
+        return output
+
+    # --- decisions --------------------------------------------------------------------------------
+    def _begin_call(self, block, arguments: dict) -> None:
+        stack_input = self.io_of(block).stream_in(arguments)
+        self._tokens = stack_input.shape[1]
+        self._stack_input = stack_input.clone() if self.copy_input else stack_input
+        ensure_ready(block)
+        signal = self.support.read(block, arguments).detach()
+        call = self.calls(signal.shape[0])
+        rows = signal.shape[0] // len(call.chunks)
+        self._active = []
+        wants = []
+        for index, chunk in enumerate(call.chunks):
+            part = slice(index * rows, (index + 1) * rows)
+            state = self.states.setdefault(chunk.key, ChunkState())
+            chunk_signal = signal[part]
+            if state.previous_signal is not None and state.previous_signal.shape != chunk_signal.shape:
+                state.previous_signal, state.residual = None, None  # another size: start afresh
+            if state.accumulated is None or state.accumulated.shape[0] != rows:
+                state.accumulated = torch.zeros(rows)
+                state.consecutive_skips = torch.zeros(rows, dtype=torch.long)
+                state.branches = [Branch() for _ in range(rows)]
+                state.previous_signal, state.residual = None, None
+            if state.previous_signal is None or state.residual is None:
+                rel = torch.full((rows,), float("inf"))
+            else:
+                rel = relative_l1(chunk_signal, state.previous_signal, self.reduce_sum).cpu()
+            state.previous_signal = chunk_signal
+            finite = torch.isfinite(rel)
+            state.accumulated = state.accumulated + torch.where(
+                finite, rescale(self.table.values, torch.where(finite, rel, 0.0)), 0.0)
+            bound = self.config.max_consecutive_skips
+            wanted = finite & (state.accumulated < self.config.rel_l1_thresh) & call.in_window
+            if bound >= 0:
+                wanted &= state.consecutive_skips < bound
+            self._active.append((state, part))
+            wants.append((state, chunk, rel, finite, wanted))
+        self.skipping = all(bool(wanted.all()) for *_, wanted in wants)
+        if self.skipping:
+            self.skipped += 1
+        else:
+            self.computed += 1
+
+        for state, chunk, rel, finite, wanted in wants:
+            for row, branch in enumerate(state.branches):
+                branch.wanted.append("S" if wanted[row] else "C")
+                branch.pattern.append("S" if self.skipping else "C")
+                branch.rel_l1.append(round(float(rel[row]), 6) if finite[row] else None)
+                branch.accumulated.append(round(float(state.accumulated[row]), 6))
+                branch.steps.append(call.step)
+            state.names = chunk.names
+            # A branch that decided to compute starts accumulating afresh; one computed only because
+            # another row needed it keeps its accumulator (its own decisions stay independent).
+            state.accumulated = torch.where(wanted, state.accumulated, torch.zeros_like(state.accumulated))
+            state.consecutive_skips = (state.consecutive_skips + 1 if self.skipping
+                                       else torch.zeros_like(state.consecutive_skips))
+
+    # --- reporting --------------------------------------------------------------------------------
     def branches(self) -> dict[str, Branch]:
         out = {}
-        for call_index, state in sorted(self.states.items()):
-            out.update(zip(self.branch_names(call_index, len(state.branches)), state.branches))
+        for state in self.states.values():
+            out.update(zip(state.names, state.branches))
         return out
 
 
-def write_report(config: TeaCache, controllers: list[TeaCacheController], run) -> None:
+def write_report(config: TeaCache, controllers: list[TeaCacheController], run, window: tuple[int, int]) -> None:
     branches = {name: b for c in controllers for name, b in c.branches().items()}
     section = run.report.section(config.kind)
-    calls = {}  # transformer calls computed/skipped, counted once per call (not per row)
-    for controller in controllers:
-        for state in controller.states.values():
-            if state.branches:
-                pattern = state.branches[0].pattern
-                calls["computed"] = calls.get("computed", 0) + pattern.count("C")
-                calls["skipped"] = calls.get("skipped", 0) + pattern.count("S")
-    computed, skipped = calls.get("computed", 0), calls.get("skipped", 0)
+    computed = sum(c.computed for c in controllers)  # transformer calls, counted once per call (not per row)
+    skipped = sum(c.skipped for c in controllers)
     total = computed + skipped
     section.update(
         rel_l1_thresh=config.rel_l1_thresh,
-        window_steps=list(controllers[0].window) if controllers else None,
+        window_steps=list(window),
         max_consecutive_skips=config.max_consecutive_skips,
         coefficients=list(controllers[0].table.values) if controllers else None,
         coefficients_source=controllers[0].table.source if controllers else None,

@@ -35,4 +35,23 @@ def family_by_name(name: str) -> ModelFamily:
     return _BY_NAME[name]
 
 
-__all__ = ["FAMILIES", "ModelFamily", "PipelineCall", "family_by_name", "family_for_source", "supported_pipeline_classes"]
+# ComfyUI's denoiser class name -> the family whose native facts describe it (Qwen-Image and its Edit models share
+# one class: the first family declaring a class answers for it).
+_BY_NATIVE_CLASS: dict[str, ModelFamily] = {}
+for _family in FAMILIES:
+    for _name in _family.native.class_names if _family.native else ():
+        _BY_NATIVE_CLASS.setdefault(_name, _family)
+
+
+def native_family(class_name: str) -> ModelFamily | None:
+    """The family of a ComfyUI diffusion model, from its class name (exact: subclasses that add their own work
+    to the block loop, such as Wan's VACE, are not matched)."""
+    return _BY_NATIVE_CLASS.get(class_name)
+
+
+def native_class_names() -> list[str]:
+    return sorted(_BY_NATIVE_CLASS)
+
+
+__all__ = ["FAMILIES", "ModelFamily", "PipelineCall", "family_by_name", "family_for_source", "native_class_names",
+           "native_family", "supported_pipeline_classes"]

@@ -16,7 +16,9 @@ from ..conditioning import pipeline_prompt_arguments
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
-from .facts import FINAL, NORM, PrecisionSensitive, SingleFile, StepSignal
+from .facts import (
+    FINAL, NORM, NativeBlocks, PrecisionSensitive, SingleFile, StepSignal,
+)
 
 # Why a family-specific Sampler input does not apply, completing "<input> ignored: <family> models ...".
 _WHY_IGNORED = {
@@ -69,6 +71,8 @@ class ModelFamily:
     heads_key: ClassVar[str] = "num_attention_heads"
     # Where the step-to-step change of a transformer call's input shows (None: not known for this family).
     step_signal: ClassVar[StepSignal | None] = None
+    # ComfyUI's own implementation of this family's denoiser, for caches applied to a ComfyUI MODEL (None: none).
+    native: ClassVar[NativeBlocks | None] = None
     # Whether the cache-dit library has a block adapter for this family's transformer.
     cache_dit: ClassVar[bool] = True
     # Transformer modules that must keep full precision (matched on qualified names).

@@ -19,28 +19,65 @@ class BlockIO:
     """How a family's transformer blocks take and return their streams.
 
     `stream` is the image (or unified) token stream. Blocks either return it alone (`stream_index=None`)
-    or in a tuple with the text stream at `other_index`.
+    or in a tuple with the text stream at `other_index`. A `joined` block (ComfyUI's Flux single blocks) takes
+    and returns one tensor holding the text tokens followed by the image tokens: its image stream is the last
+    `tokens` tokens, where `tokens` is the image stream's length at the stack's entry.
     """
 
     stream_arg: str = "hidden_states"
     stream_index: int | None = None
     other_arg: str | None = None
     other_index: int | None = None
+    joined: bool = False
 
-    def stream_in(self, arguments: dict) -> torch.Tensor:
-        return arguments[self.stream_arg]
+    def stream_in(self, arguments: dict, tokens: int | None = None) -> torch.Tensor:
+        return self._image(arguments[self.stream_arg], tokens)
 
-    def stream_out(self, output) -> torch.Tensor:
-        return output if self.stream_index is None else output[self.stream_index]
+    def stream_out(self, output, tokens: int | None = None) -> torch.Tensor:
+        return self._image(output if self.stream_index is None else output[self.stream_index], tokens)
 
-    def output(self, arguments: dict, stream: torch.Tensor):
-        """What the block returns when its work is replaced: `stream` as the main stream, others unchanged."""
+    def output(self, arguments: dict, stream: torch.Tensor, tokens: int | None = None):
+        """What the block returns when its work is replaced: `stream` as the image stream, others unchanged."""
+        if self.joined:
+            joined = arguments[self.stream_arg]
+            return torch.cat((joined[:, : joined.shape[1] - tokens], stream), dim=1)
         if self.stream_index is None:
             return stream
         out = [None, None]
         out[self.stream_index] = stream
         out[self.other_index] = arguments[self.other_arg]
         return tuple(out)
+
+    # Both streams, for caches that keep a residual of the text stream too (DBCache).
+    def streams_in(self, arguments: dict, tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.joined:
+            return self._split(arguments[self.stream_arg], tokens)
+        return arguments[self.stream_arg], arguments[self.other_arg] if self.other_arg else None
+
+    def streams_out(self, output, tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.joined:
+            return self._split(output, tokens)
+        if self.stream_index is None:
+            return output, None
+        return output[self.stream_index], output[self.other_index]
+
+    def output_streams(self, stream: torch.Tensor, other: torch.Tensor | None):
+        """What the block returns for these two streams."""
+        if self.joined:
+            return torch.cat((other, stream), dim=1)
+        if self.stream_index is None:
+            return stream
+        out = [None, None]
+        out[self.stream_index], out[self.other_index] = stream, other
+        return tuple(out)
+
+    def _image(self, stream: torch.Tensor, tokens: int | None) -> torch.Tensor:
+        return stream[:, stream.shape[1] - tokens:] if self.joined else stream
+
+    @staticmethod
+    def _split(joined: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        text = joined.shape[1] - tokens
+        return joined[:, text:], joined[:, :text]
 
 
 # (first block, its bound forward arguments) -> the tensor whose change between steps is measured
@@ -68,6 +105,33 @@ class StepSignal:
 
     def coefficients_for(self, depth: int) -> Coefficients:
         return self.by_depth.get(depth, self.coefficients)
+
+
+@dataclass(frozen=True)
+class NativeBlocks:
+    """Facts about ComfyUI's own implementation of a family's denoiser (its comfy.ldm class), stated without
+    importing ComfyUI: the nodes match a MODEL's diffusion model by its class name.
+
+    `block_lists` are the model's attributes holding its repeated blocks, in the order its forward runs them;
+    `block_io` says per block class how a block takes and returns its streams; `signal` is TeaCache's signal
+    read from the first block (the same tensor the diffusers family's signal reads, so the published tables
+    apply); `in_place`: the blocks update the tensors they are given in place (a cache must copy what it
+    keeps); `refused` maps unet_config's image_model values this class also serves but the caches do not
+    support to the reason.
+    """
+
+    class_names: tuple[str, ...]
+    block_lists: tuple[str, ...]
+    block_io: dict[str, BlockIO]
+    signal: StepSignal
+    in_place: bool = False
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def io_of(self, block: torch.nn.Module) -> BlockIO:
+        return self.block_io[type(block).__name__]
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return [block for attr in self.block_lists for block in getattr(model, attr)]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, mean_std_latent
 from .facts import (
-    EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile, StepSignal,
-    count, rope_axes,
+    EMBEDDING, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, ReleasedDefaults, Shapes,
+    SingleFile, StepSignal, count, rope_axes,
 )
 
 _TRUE_CFG = (
@@ -36,6 +36,22 @@ _QWEN_STEP_SIGNAL = StepSignal(
         (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
         "vLLM-Omni's Qwen-Image table (from ComfyUI-TeaCache), used by vLLM-Omni for the whole Qwen-Image family",
     ),
+)
+
+
+def _native_qwen_modulated_input(block, arguments: dict) -> torch.Tensor:
+    """The same tensor in ComfyUI's QwenImageTransformerBlock (its _modulate takes no modulate_index)."""
+    img_mod1 = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+    return block._modulate(block.img_norm1(arguments["hidden_states"]), img_mod1)[0]
+
+
+# ComfyUI's comfy.ldm.qwen_image.model (Qwen-Image and its Edit models share the class): blocks take keyword
+# streams and return (text, image), as diffusers' do.
+_QWEN_NATIVE = NativeBlocks(
+    class_names=("QwenImageTransformer2DModel",),
+    block_lists=("transformer_blocks",),
+    block_io={"QwenImageTransformerBlock": _QWEN_STEP_SIGNAL.block_io},
+    signal=replace(_QWEN_STEP_SIGNAL, read=_native_qwen_modulated_input),
 )
 
 
@@ -83,6 +99,7 @@ class QwenImageFamily(ModelFamily):
     cfg_meaning = _TRUE_CFG
     single_file = QWEN_SINGLE_FILE
     step_signal = _QWEN_STEP_SIGNAL
+    native = _QWEN_NATIVE
     precision_sensitive = (
         PrecisionSensitive(r"\.(img|txt)_mod\.|^norm_out\.", MODULATION),
         PrecisionSensitive(r"^time_text_embed\.|^img_in$|^txt_in$", EMBEDDING),

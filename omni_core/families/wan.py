@@ -12,8 +12,8 @@ from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, mean_std_latent
 from .facts import (
-    EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile, StepSignal,
-    count,
+    EMBEDDING, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, ReleasedDefaults, Shapes,
+    SingleFile, StepSignal, count,
 )
 
 
@@ -69,6 +69,30 @@ WAN_SINGLE_FILE = SingleFile(
 )
 
 
+_WAN_STEP_SIGNAL = StepSignal(
+    read=_wan_timestep_projection,
+    block_io=BlockIO("hidden_states"),
+    coefficients=_WAN_1_3B,
+    by_depth={30: _WAN_1_3B, 40: _WAN_14B},
+)
+
+
+def _native_wan_timestep_projection(block, arguments: dict) -> torch.Tensor:
+    """ComfyUI's WanAttentionBlock gets the same projection as `e` (B, 1, 6, dim)."""
+    return arguments["e"]
+
+
+# ComfyUI's comfy.ldm.wan.model.WanModel (Wan 2.1 and both Wan 2.2 A14B experts); its subclasses (VACE, camera,
+# S2V, ...) add work per block index in their own loops and are not matched.
+_WAN_NATIVE = NativeBlocks(
+    class_names=("WanModel",),
+    block_lists=("blocks",),
+    block_io={"WanAttentionBlock": BlockIO("x")},
+    signal=StepSignal(read=_native_wan_timestep_projection, block_io=BlockIO("x"), coefficients=_WAN_1_3B,
+                      by_depth=_WAN_STEP_SIGNAL.by_depth),
+)
+
+
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_classes = ("WanPipeline",)
@@ -83,12 +107,8 @@ class WanFamily(ModelFamily):
     single_file = WAN_SINGLE_FILE
     single_file_layouts = (WAN_ORIGINAL,)
     block_lists = ("blocks",)
-    step_signal = StepSignal(
-        read=_wan_timestep_projection,
-        block_io=BlockIO("hidden_states"),
-        coefficients=_WAN_1_3B,
-        by_depth={30: _WAN_1_3B, 40: _WAN_14B},
-    )
+    step_signal = _WAN_STEP_SIGNAL
+    native = _WAN_NATIVE
     precision_sensitive = (
         # time_proj turns the timestep embedding into every block's shift/scale/gate vectors.
         PrecisionSensitive(r"^condition_embedder\.time_proj$", MODULATION),

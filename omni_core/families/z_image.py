@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..weights.layouts import Z_IMAGE_ORIGINAL
@@ -9,8 +11,8 @@ from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, kl_size_multiple, scaled_shifted_latent
 from .facts import (
-    EMBEDDING, FINAL, MODULATION, BlockIO, Coefficients, PrecisionSensitive, ReleasedDefaults, Shapes, SingleFile,
-    StepSignal, count, rope_axes,
+    EMBEDDING, FINAL, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, ReleasedDefaults, Shapes,
+    SingleFile, StepSignal, count, rope_axes,
 )
 
 
@@ -52,6 +54,32 @@ Z_IMAGE_SINGLE_FILE = SingleFile(
 )
 
 
+_Z_IMAGE_STEP_SIGNAL = StepSignal(
+    read=_z_image_modulated_input,
+    block_io=BlockIO("x"),
+    coefficients=Coefficients(
+        (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
+        "Qwen-Image's table, as vLLM-Omni uses for Z-Image (not fitted on Z-Image: calibrate for best results)",
+    ),
+)
+
+
+def _native_z_image_modulated_input(block, arguments: dict) -> torch.Tensor:
+    """The same tensor in ComfyUI's JointTransformerBlock (NextDiT): attention_norm1(x) * (1 + scale_msa)."""
+    scale_msa = block.adaLN_modulation(arguments["adaln_input"]).chunk(4, dim=1)[0]
+    return block.attention_norm1(arguments["x"]) * (1.0 + scale_msa.unsqueeze(1))
+
+
+# ComfyUI's comfy.ldm.lumina.model.NextDiT (Z-Image; Lumina 2 shares the class): `layers` work on the joined
+# caption + image stream, as diffusers' Z-Image layers do; the refiners run before them and are not cached.
+_Z_IMAGE_NATIVE = NativeBlocks(
+    class_names=("NextDiT",),
+    block_lists=("layers",),
+    block_io={"JointTransformerBlock": BlockIO("x")},
+    signal=replace(_Z_IMAGE_STEP_SIGNAL, read=_native_z_image_modulated_input),
+)
+
+
 class ZImageFamily(ModelFamily):
     name = "z-image"
     pipeline_classes = ("ZImagePipeline",)
@@ -61,14 +89,8 @@ class ZImageFamily(ModelFamily):
     block_lists = ("layers",)
     block_count_keys = ("n_layers",)
     heads_key = "n_heads"
-    step_signal = StepSignal(
-        read=_z_image_modulated_input,
-        block_io=BlockIO("x"),
-        coefficients=Coefficients(
-            (-4.5e2, 2.8e2, -4.5e1, 3.2, -2.0e-2),
-            "Qwen-Image's table, as vLLM-Omni uses for Z-Image (not fitted on Z-Image: calibrate for best results)",
-        ),
-    )
+    step_signal = _Z_IMAGE_STEP_SIGNAL
+    native = _Z_IMAGE_NATIVE
     precision_sensitive = (
         PrecisionSensitive(r"adaLN_modulation", MODULATION),
         PrecisionSensitive(r"^t_embedder\.|^cap_embedder\.|^all_x_embedder\.", EMBEDDING),

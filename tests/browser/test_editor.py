@@ -16,10 +16,13 @@ from reference_model.shapes import read
 from tests.helpers import API_WORKFLOWS, ROOT, WORKFLOWS, png_to_array
 from tools.comfy_harness import PACK_NAME
 from tools.editor import browser, editor
-from tools.workflows import parallel_ranks, saver_id
+from tools.workflows import TEST_TEXT_ENCODER, is_native, parallel_ranks, saver_id, with_test_text_encoder
 
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 NAMES = [p.stem for p in UI_FILES]
+# UNETLoader -> cache node -> KSampler: ComfyUI's own nodes with the pack's caches between them
+NATIVE = [name for name in NAMES if is_native(json.loads((API_WORKFLOWS / f"{name}.json").read_text()))]
+FIXTURES = ROOT / "tests" / "fixtures"
 # Needs several GPUs: loaded and checked in the editor, not queued (tests/e2e covers the parallel runtime).
 SEVERAL_DEVICES = [name for name in NAMES if parallel_ranks(json.loads((API_WORKFLOWS / f"{name}.json").read_text())) > 1]
 ARTIFACTS = ROOT / "out" / "browser"
@@ -88,11 +91,78 @@ def test_workflow_loads_cleanly_and_its_twin_is_the_editors_conversion(page, nam
         for input_name, value in node["inputs"].items():
             assert converted[node_id]["inputs"][input_name] == value, (name, node_id, input_name)
         assert converted[node_id] == node, (name, node_id)
-    seed_controls = [v for n in workflow["nodes"] if n["type"] == "OmniSampler" for v in n["widgets_values"][3:4]]
-    assert seed_controls == ["fixed"], "a shipped workflow reproduces its picture: the seed is not randomized"
+    controls = ("fixed", "increment", "decrement", "randomize")
+    seed_controls = [v for n in workflow["nodes"] for v in n.get("widgets_values") or [] if v in controls]
+    assert seed_controls and set(seed_controls) == {"fixed"}, "a shipped workflow reproduces its picture"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in SEVERAL_DEVICES])
+def test_a_workflow_saved_before_the_cache_nodes_took_a_model_still_loads_and_converts_the_same(page):
+    """The cache nodes' `pipe` became OMNI_PIPE-or-MODEL; a UI file saved with the old socket types loads without
+    problems and the editor converts it to the API prompt it converted to before."""
+    old = json.loads((FIXTURES / "qwen_image_teacache_saved_before_model_input.json").read_text())
+    page.load_ui(old, "old_teacache")
+    assert page.problems() == []
+    assert page.to_prompt() == json.loads((FIXTURES / "qwen_image_teacache_saved_before_model_input.api.json").read_text())
+    node = next(n for n in page.serialize()["nodes"] if n["type"] == "OmniTeaCache")
+    assert node["outputs"][0]["type"] == "OMNI_PIPE", "the output follows the OMNI_PIPE connected to it"
+
+
+def _output_type(page, node_id: int) -> str:
+    return page.page.evaluate("(id) => app.graph.getNodeById(id).outputs[0].type", node_id)
+
+
+def test_the_cache_output_follows_what_is_connected_to_it(page):
+    """MODEL in: the output is a MODEL (it links to KSampler only); unconnected: either; an OMNI_PIPE in: an
+    OMNI_PIPE, and the link to KSampler, which cannot take one, is removed."""
+    page.load_ui(_ui("wan21_native_teacache"), "wan21_native_teacache")
+    assert _output_type(page, 6) == "MODEL"
+    page.page.evaluate("() => app.graph.getNodeById(6).disconnectInput(0)")
+    assert _output_type(page, 6) == "OMNI_PIPE,MODEL"
+    assert page.page.evaluate("() => app.graph.getNodeById(7).inputs[0].link") is not None
+    page.page.evaluate("""() => {
+        const loader = LiteGraph.createNode("OmniLoader");
+        app.graph.add(loader);
+        loader.connect(0, app.graph.getNodeById(6), 0);
+    }""")
+    assert _output_type(page, 6) == "OMNI_PIPE"
+    assert page.page.evaluate("() => app.graph.getNodeById(7).inputs[0].link") is None, "KSampler takes no OMNI_PIPE"
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_workflow_runs_from_the_editor(page, comfy, name):
+    """A native workflow as shipped loads cleanly; with its text encoding swapped for the tests' encoder in the
+    editor (ComfyUI's UMT5-XXL cannot be made small) and a new prompt typed in, it runs from the Run button, saves
+    every frame, and each cache node shows its run's summary."""
+    workflow, twin = _ui(name), _twin(name)
+    page.load_ui(workflow, name)
+    assert page.problems() == []
+    assert sorted(page.replace_text_encoders(TEST_TEXT_ENCODER)) == sorted(
+        int(i) for i, n in twin.items() if n["class_type"] == "CLIPTextEncode")
+    positive = next(int(i) for i, n in twin.items() if n["class_type"] == "CLIPTextEncode"
+                    and n["_meta"]["title"].startswith("Positive"))
+    page.type_into(positive, "text", NEW_PROMPT)
+
+    prompt_id = page.click_run()
+    entry = comfy.wait(prompt_id)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    expected = with_test_text_encoder(twin)
+    expected[str(positive)]["inputs"]["text"] = NEW_PROMPT
+    queued = entry["prompt"][2]
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in queued.items()} == {
+        k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in expected.items()}
+    [data] = comfy.output_files(entry, saver_id(twin))
+    latent = next(n["inputs"] for n in twin.values() if n["class_type"] == "EmptyHunyuanLatentVideo")
+    with Image.open(io.BytesIO(data)) as saved:
+        assert saved.size == (latent["width"], latent["height"]) and saved.n_frames == latent["length"]
+    for node_id, node in twin.items():
+        if node["class_type"] in ("OmniTeaCache", "OmniCacheDiT"):
+            page.page.wait_for_function(
+                "([id, start]) => (app.graph.getNodeById(id).widgets ?? []).some(w => typeof w.value === 'string'"
+                " && w.value.startsWith(start))", arg=[int(node_id), f"{node['_meta']['title'].split(' (')[0]} on node {node_id}"],
+                timeout=30_000)
+    page.screenshot(ARTIFACTS / f"{name}.png")
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SEVERAL_DEVICES and n not in NATIVE])
 def test_workflow_runs_from_the_editor_after_a_change_in_the_ui(page, comfy, name):
     workflow, twin = _ui(name), _twin(name)
     sampler_id, sampler = _sampler(twin)

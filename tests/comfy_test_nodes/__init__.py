@@ -10,7 +10,11 @@
 - OmniTestDeviceMemory sets the free memory the pack's store sees on every device (or gives back the real one),
   so memory limits are tested against a stated device, not against what the test machine has free;
 - OmniTestOutOfMemory passes a pipe through and makes its loaded transformer raise an out-of-memory error at
-  one of its calls in the next run, as a device running out of memory mid-run does."""
+  one of its calls in the next run, as a device running out of memory mid-run does;
+- OmniTestTextEncode makes a CONDITIONING for the small native Wan files (tools/native_files.py) from a prompt,
+  with the tiny diffusers Wan's own text encoder (ComfyUI's UMT5-XXL cannot be made small): its features,
+  zero-padded to the 4096 ComfyUI's Wan expects, in exactly ComfyUI's format ([[features, {}]]);
+- OmniTestFailAfter makes a MODEL whose diffusion model raises after some calls (an error mid-run)."""
 
 import json
 import sys
@@ -177,6 +181,71 @@ class OmniTestOutOfMemory:
         return (pipe,)
 
 
+
+class OmniTestTextEncode:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    FOLDER = "tiny-wan21"
+    WIDTH = 4096
+    _loaded = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True, "default": ""})}}
+
+    @classmethod
+    def _encoder(cls):
+        if cls._loaded is None:
+            import os
+
+            import folder_paths
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            folder = next(os.path.join(base, cls.FOLDER) for base in folder_paths.get_folder_paths("diffusers")
+                          if os.path.isdir(os.path.join(base, cls.FOLDER)))
+            cls._loaded = (AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
+                           UMT5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder")).eval())
+        return cls._loaded
+
+    def encode(self, text):
+        import torch
+
+        tokenizer, encoder = self._encoder()
+        tokens = tokenizer(text, return_tensors="pt", padding="max_length", max_length=16, truncation=True)
+        with torch.no_grad():
+            features = encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
+        padded = torch.nn.functional.pad(features, (0, self.WIDTH - features.shape[-1]))
+        return ([[padded, {}]],)
+
+
+class OmniTestFailAfter:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "calls": ("INT", {"default": 3, "min": 0})}}
+
+    def patch(self, model, calls):
+        import comfy.patcher_extension
+
+        seen = {"calls": 0}
+
+        def fail(executor, *args, **kwargs):
+            seen["calls"] += 1
+            if seen["calls"] > calls:
+                seen["calls"] = 0
+                raise RuntimeError(f"OmniTestFailAfter: failing on call {calls + 1}, as asked")
+            return executor(*args, **kwargs)
+
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "omni_test_fail", fail)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"OmniTestAnyValue": OmniTestAnyValue, "OmniTestHoldStore": OmniTestHoldStore,
                        "OmniTestCLIPLoader": OmniTestCLIPLoader, "OmniTestModelKeys": OmniTestModelKeys,
-                       "OmniTestDeviceMemory": OmniTestDeviceMemory, "OmniTestOutOfMemory": OmniTestOutOfMemory}
+                       "OmniTestDeviceMemory": OmniTestDeviceMemory, "OmniTestOutOfMemory": OmniTestOutOfMemory,
+                       "OmniTestTextEncode": OmniTestTextEncode, "OmniTestFailAfter": OmniTestFailAfter}

@@ -43,3 +43,15 @@ def test_readme_benchmark_summary_is_what_the_committed_results_say():
     block = readme.split(SUMMARY_START, 1)[1].split(SUMMARY_END, 1)[0].strip("\n")
     assert block == "\n".join(summary(results)).strip("\n"), "run: .build/venv/bin/python bench/run.py (or re-render the summary)"
     assert (ROOT / "bench" / "results" / "summary.md").read_text().strip("\n") == block
+
+
+def test_readme_native_head_to_head_is_what_the_committed_results_say():
+    """The native head-to-head the README quotes is bench/native.readme_summary of its committed results.json."""
+    import json
+
+    from bench.native import NATIVE_END, NATIVE_START, readme_summary
+
+    results = json.loads((ROOT / "bench" / "results" / "native" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(NATIVE_START, 1)[1].split(NATIVE_END, 1)[0].strip("\n")
+    assert block == "\n".join(readme_summary(results)).strip("\n"), "run: .build/venv/bin/python bench/native.py --render"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,32 @@ def test_server_benchmark_compares_previews_on_off_and_in_process(tmp_path):
         assert ratio == pytest.approx(median["baseline"][len(median["baseline"]) // 2] / median["TeaCache 0.2"][len(median["TeaCache 0.2"]) // 2])
     assert set(results["versions"]) >= {"torch", "diffusers", "comfyui"}
     assert "| server+preview |" in (tmp_path / "server.md").read_text()
+
+
+def test_native_head_to_head_runs_every_cache_through_comfyuis_sampling(tmp_path):
+    """bench/native.py --quick: the reference model in ComfyUI's own class, our nodes and ComfyUI's EasyCache and
+    LazyCache applied by their own execute(), raw times and the head-to-head table written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "native.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["versions"]) >= {"torch", "comfyui", "cache-dit"}
+    [scenario] = results["scenarios"]
+    methods = {row["method"] for row in scenario["rows"]}
+    assert methods == {"baseline", "TeaCache (ours)", "Cache-DiT (ours)", "Cache-DiT + TaylorSeer (ours)",
+                       "EasyCache (ComfyUI)", "LazyCache (ComfyUI)"}
+    baseline = scenario["rows"][0]
+    assert baseline["name"] == "baseline" and baseline["fraction_computed"] == 1.0 and baseline["psnr_db"] == 99.0
+    for row in scenario["rows"]:
+        assert len(row["repetitions"]) == scenario["rounds"] * len(scenario["prompts"])
+        assert all(r["seconds"] > 0 for r in row["repetitions"])
+        assert 0 < row["fraction_computed"] <= 1.0
+    assert set(scenario["head_to_head"]) == methods - {"baseline"}
+    assert set(scenario["held_out"]["chosen"]) == methods - {"baseline"}
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Head to head" in readme and "x EasyCache's best" in readme
+    assert (tmp_path / "fronts.png").stat().st_size > 0
