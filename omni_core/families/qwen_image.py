@@ -117,10 +117,11 @@ class QwenImageFamily(ModelFamily):
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         # The same steps as the pipeline's own decode path, stopping before vae.decode.
         latents = pipeline._unpack_latents(output, request.height, request.width, pipeline.vae_scale_factor)
-        return mean_std_latent(pipeline, latents)[:, :, 0]  # ComfyUI keeps Qwen-Image latents 4-D
+        # ComfyUI's LATENT for Qwen-Image is one frame of its video VAE: (B, C, 1, h, w), as KSampler gives it.
+        return mean_std_latent(pipeline, latents)
 
     def latent_to_vae_input(self, samples: torch.Tensor) -> torch.Tensor:
-        return samples.unsqueeze(2)
+        return samples.unsqueeze(2) if samples.ndim == 4 else samples  # 4-D: a LATENT saved by an older version
 
     def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
         return super().vae_output_to_images(decoded[:, :, 0])
