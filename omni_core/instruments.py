@@ -97,6 +97,11 @@ class Previews:
 
     @contextmanager
     def applied(self, run) -> Iterator[None]:
+        if getattr(run.pipeline, "vae", None) is None:  # a single-file pipe decoded by ComfyUI's own VAE nodes
+            yield
+            with run.report.writing("previews"):
+                run.report.counters["previews"] = {"method": "none", "why": "this pipe has no VAE (vae_file none)"}
+            return
         previewer = Previewer(run.pipeline, run.family, run.request, self.settings, memo=run.state.preview)
         run.preview = previewer
         try:

@@ -112,7 +112,7 @@ def test_a_pipe_without_text_encoder_or_vae_names_what_is_missing(comfy):
         comfy.run(files_prompt("files-qwen-image", text_encoders=False))
     assert info.value.node_type == "OmniSampler"
     assert info.value.exception_message.startswith("positive:")
-    prompt = files_prompt("files-qwen-image", vae=False)
+    prompt = files_prompt("files-qwen-image", vae=False)  # the Sampler runs (its previews off: no VAE), the decode refuses
     with pytest.raises(ExecutionFailed) as info:
         comfy.run(prompt)
     assert info.value.node_type == "OmniVAETiledDecode"
