@@ -147,4 +147,10 @@ def test_comfyuis_own_unet_loader_reads_the_same_files(comfy, name):
         "2": {"class_type": "OmniTestModelKeys", "inputs": {"model": ["1", 0], "unet_name": unet}},
     })
     report = json.loads(node_text_output(entry, "2")[0])
-    assert report == {"class": "WanModel", "missing": [], "unexpected": [], "equal": True}
+    if "fp8_scaled" in name:
+        # ComfyUI's scaled-fp8 layers also hold an input scale, which files without one leave at its default, and
+        # it reads the file's scaled_fp8 marker when it picks those layers.
+        assert report["missing"] and all(key.endswith(".scale_input") for key in report["missing"])
+        assert report["unexpected"] == ["scaled_fp8"]
+        report |= {"missing": [], "unexpected": []}
+    assert report == {"class": "WanModel", "missing": [], "unexpected": [], "different": []}
