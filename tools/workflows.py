@@ -62,6 +62,34 @@ def with_test_text_encoder(prompt: dict) -> dict:
     return prompt
 
 
+# ComfyUI's CLIPLoader builds its text encoders at the released size whatever the file holds: the small
+# text-encoder files of the single-file test models load through the tests' loader (same file, ComfyUI's own
+# classes at the file's size), keyed by the CLIPLoader type it stands in for.
+TEST_CLIP_LOADER = "OmniTestCLIPLoader"
+_CLIP_FAMILIES = {"qwen_image": "qwen-image", "lumina2": "z-image", "flux": "flux"}
+
+
+def with_test_clip_loaders(prompt: dict) -> dict:
+    """The prompt with each CLIPLoader / DualCLIPLoader replaced by the tests' loader on the same files (same
+    node id); other prompts are returned unchanged."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CLIPLoader":
+            node["class_type"] = TEST_CLIP_LOADER
+            node["inputs"] = {"clip_name": inputs["clip_name"], "family": _CLIP_FAMILIES[inputs["type"]]}
+        elif node["class_type"] == "DualCLIPLoader":
+            node["class_type"] = TEST_CLIP_LOADER
+            node["inputs"] = {"clip_name": inputs["clip_name1"], "clip_name2": inputs["clip_name2"],
+                              "family": _CLIP_FAMILIES[inputs["type"]]}
+    return prompt
+
+
+def uses_comfy_text_encoders(prompt: dict) -> bool:
+    """ComfyUI's own text-encoder loaders around the pack's Loader and Sampler."""
+    return any(node["class_type"] in ("CLIPLoader", "DualCLIPLoader") for node in prompt.values()) and not is_native(prompt)
+
+
 def is_native(prompt: dict) -> bool:
     """A native workflow: ComfyUI's own loaders and samplers, the pack's nodes only in between."""
     return any(node["class_type"] in ("KSampler", "KSamplerAdvanced") for node in prompt.values())
@@ -156,7 +184,7 @@ def main(names: list[str]) -> int:
                 (API / f"{name}.json").write_text(json.dumps(twin, indent=2) + "\n")
                 if name == EDITOR_PICTURE:
                     page.screenshot(IMAGES / "editor_stack.png")
-                entry = server.run(with_test_text_encoder(twin) if is_native(twin) else twin)
+                entry = server.run(with_test_text_encoder(twin) if is_native(twin) else with_test_clip_loaders(twin))
                 [data] = server.output_files(entry, saver_id(twin))
                 outputs[name] = first_frame(data)
                 thumbnail(outputs[name]).save(WORKFLOWS / f"{name}.jpg", quality=92)

@@ -16,7 +16,9 @@ from reference_model.shapes import read
 from tests.helpers import API_WORKFLOWS, ROOT, WORKFLOWS, png_to_array
 from tools.comfy_harness import PACK_NAME
 from tools.editor import browser, editor
-from tools.workflows import TEST_TEXT_ENCODER, is_native, parallel_ranks, saver_id, with_test_text_encoder
+from tools.workflows import (
+    TEST_TEXT_ENCODER, is_native, parallel_ranks, saver_id, uses_comfy_text_encoders, with_test_text_encoder,
+)
 
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 NAMES = [p.stem for p in UI_FILES]
@@ -25,6 +27,8 @@ NATIVE = [name for name in NAMES if is_native(json.loads((API_WORKFLOWS / f"{nam
 FIXTURES = ROOT / "tests" / "fixtures"
 # Needs several GPUs: loaded and checked in the editor, not queued (tests/e2e covers the parallel runtime).
 SEVERAL_DEVICES = [name for name in NAMES if parallel_ranks(json.loads((API_WORKFLOWS / f"{name}.json").read_text())) > 1]
+# ComfyUI's CLIPLoader around the pack: run through the API with the tests' loader (tests/e2e/test_shipped_workflows.py)
+COMFY_TEXT_ENCODERS = [name for name in NAMES if uses_comfy_text_encoders(json.loads((API_WORKFLOWS / f"{name}.json").read_text()))]
 ARTIFACTS = ROOT / "out" / "browser"
 NEW_PROMPT = "a blue square at the bottom left on a white background"
 # What the reference model must draw for it (reference_model.shapes reads colours and places reliably).
@@ -162,7 +166,7 @@ def test_native_workflow_runs_from_the_editor(page, comfy, name):
                 timeout=30_000)
     page.screenshot(ARTIFACTS / f"{name}.png")
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in SEVERAL_DEVICES and n not in NATIVE])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in SEVERAL_DEVICES + NATIVE + COMFY_TEXT_ENCODERS])
 def test_workflow_runs_from_the_editor_after_a_change_in_the_ui(page, comfy, name):
     workflow, twin = _ui(name), _twin(name)
     sampler_id, sampler = _sampler(twin)

@@ -11,9 +11,9 @@ from PIL import Image
 
 import numpy as np
 
-from tests.helpers import API_WORKFLOWS, png_to_array
+from tests.helpers import API_WORKFLOWS, png_to_array, psnr
 from tools.comfy_harness import ExecutionFailed
-from tools.workflows import parallel_ranks, saver_id
+from tools.workflows import parallel_ranks, saver_id, with_test_clip_loaders
 
 API_FILES = sorted(API_WORKFLOWS.glob("*.json"))
 
@@ -71,7 +71,7 @@ def test_multi_gpu_workflow_runs_on_four_cpu_ranks_and_equals_one_process(tmp_pa
 
 
 # Inputs appended after the first release: prompts saved before them must run unchanged.
-ADDED_LATER = {"OmniLoader": ("compile",)}
+ADDED_LATER = {"OmniLoader": ("compile", "text_encoder_file", "text_encoder_2_file", "vae_file")}
 
 
 def test_prompts_saved_before_later_inputs_still_run(comfy):
@@ -83,3 +83,19 @@ def test_prompts_saved_before_later_inputs_still_run(comfy):
             del node["inputs"][name]
     prompt["4"]["inputs"]["filename_prefix"] = "older_prompt"  # re-runs the saver, the rest may come from cache
     np.testing.assert_array_equal(png_to_array(comfy.output_files(comfy.run(prompt), "4")[0]), current)
+
+
+def test_comfyui_text_encoder_workflow_draws_what_the_single_files_workflow_draws(comfy):
+    """The shipped workflow with ComfyUI's Load CLIP, CLIP Text Encode, Load VAE and VAE Decode around Omni Loader
+    and the Sampler (its Load CLIP swapped for the tests' loader of the same file: ComfyUI builds the released
+    size) gives the picture of the workflow that loads the same files in Omni Loader."""
+    mixed = json.loads((API_WORKFLOWS / "qwen_image_comfy_nodes.json").read_text())
+    files = json.loads((API_WORKFLOWS / "qwen_image_files.json").read_text())
+    for prompt in (mixed, files):
+        prompt["2"]["inputs"]["steps"] = 3
+    theirs = png_to_array(comfy.output_files(comfy.run(with_test_clip_loaders(mixed)), saver_id(mixed))[0])
+    ours = png_to_array(comfy.output_files(comfy.run(files), saver_id(files))[0])
+    assert theirs.shape == ours.shape == (64, 64, 3)
+    # ComfyUI's text encode equals transformers' within 1e-4 relative; the random tiny DiT amplifies it
+    # (49.3 dB measured in tests/e2e/test_comfy_files.py on the same files).
+    assert psnr(theirs, ours) >= 35.0
