@@ -3,7 +3,7 @@ loading weights."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from .source import ModelSource
 
 # Components a single file may give a diffusers folder (its transformers); a single-file model takes them all.
 FOLDER_REPLACEABLE = ("transformer", "transformer_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def _resolved(files: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
@@ -69,6 +70,14 @@ class LoadSpec:
         source = FilesSource(name, family.name, tuple((c, Path(p)) for c, p in resolved))
         return cls(folder="", name=name, family=family.name, dtype=resolve_dtype(dtype, device), device=device,
                    files=resolved, fingerprint=source.fingerprint(), tokenizer_dirs=tuple(tokenizer_dirs))
+
+    def without_text_encoders(self) -> "LoadSpec":
+        """The same single-file model without its text-encoder files: what a run whose prompt comes as ComfyUI's
+        CONDITIONING loads (a folder's own text encoders are part of its pipeline and stay)."""
+        if not any(component in TEXT_ENCODERS for component, _ in self.files):
+            return self
+        keep = lambda entries: tuple(e for e in entries if e[0] not in TEXT_ENCODERS)  # noqa: E731
+        return replace(self, files=keep(self.files), fingerprint=keep(self.fingerprint))
 
     @property
     def source(self) -> ModelSource | FilesSource:

@@ -229,14 +229,15 @@ class ModelStore:
 
     def decoder(self, item: Variant | OmniPipe | LoadSpec) -> Decoder:
         """What decodes the pipe's latents: its held executor (a pool's rank 0 holds the VAE), else a held
-        pipeline of the same model, else its VAE loaded alone (the text encoder and transformer are not brought
-        back just to decode)."""
+        pipeline of the same model (with or without its text encoders), else its VAE loaded alone (the text
+        encoder and transformer are not brought back just to decode)."""
         variant = Variant.of(item)
         with self._lock:
             held = self._held.get(variant)
             if held is None or not held.healthy():
+                model = variant.spec.without_text_encoders()  # a run from CONDITIONING loaded it without them
                 held = next((h for k, h in self._held.items()
-                             if isinstance(h, LocalExecutor) and k.spec == variant.spec), None)
+                             if isinstance(h, LocalExecutor) and k.spec.without_text_encoders() == model), None)
             if held is not None:
                 self._held.move_to_end(held.variant)
                 return held

@@ -109,6 +109,27 @@ def test_conditioning_runs_without_text_encoders_equal_text_runs(comfy_files, mo
     assert conditioned.report.as_dict()["request"]["prompt_from"] == "CONDITIONING"
 
 
+def test_a_run_from_conditioning_never_loads_the_text_encoder_files(comfy_files, model_dirs, store):
+    """A pipe with text-encoder files whose Sampler gets ComfyUI's CONDITIONING loads the model without them (the
+    same picture as the pipe without them); its VAE Tiled Decode uses that loaded pipeline; a later text run on the
+    same pipe loads the text encoders."""
+    family, size = FAMILIES["files-qwen-image"]
+    pipeline = DiffusionPipeline.from_pretrained(str(model_dirs["files-qwen-image"]), torch_dtype=torch.float32,
+                                                 local_files_only=True)
+    request = GenerationRequest(positive=_conditioning(pipeline, family, PROMPT), cfg=1.0, **size)
+    with_encoders = OmniPipe(spec_of(comfy_files, "files-qwen-image"))
+    assert with_encoders.spec.source.has_component("text_encoder")
+    conditioned = generate(with_encoders, request, store)
+    without = generate(OmniPipe(spec_of(comfy_files, "files-qwen-image", text_encoders=False)), request, store)
+    assert without.report.counters["loaded_this_run"] is False  # the same loaded model
+    assert torch.equal(conditioned.latent, without.latent)
+    decoder = store.decoder(with_encoders)
+    assert decoder.pipeline.text_encoder is None and decoder.pipeline.vae is not None
+    text = generate(with_encoders, GenerationRequest(prompt=PROMPT, cfg=1.0, **size), store)
+    assert text.report.counters["loaded_this_run"] is True
+    assert store.decoder(with_encoders).pipeline.text_encoder is not None
+
+
 def test_flux_guidance_comes_from_the_conditioning(comfy_files, model_dirs, store):
     pipeline = DiffusionPipeline.from_pretrained(str(model_dirs["files-flux"]), torch_dtype=torch.float32,
                                                  local_files_only=True)
