@@ -333,6 +333,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     default_out = args.out == ROOT / "bench" / "results" / "native"
     if args.render:
+        sys.path.insert(0, str(ROOT))
         write_readme_summary(args.out / "results.json", ROOT / "README.md")
         return 0
     settings(args)
