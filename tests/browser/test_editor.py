@@ -102,7 +102,8 @@ def test_workflow_loads_cleanly_and_its_twin_is_the_editors_conversion(page, nam
 
 def test_a_workflow_saved_before_the_cache_nodes_took_a_model_still_loads_and_converts_the_same(page):
     """The cache nodes' `pipe` became OMNI_PIPE-or-MODEL; a UI file saved with the old socket types loads without
-    problems and the editor converts it to the API prompt it converted to before."""
+    problems and the editor converts it to the API prompt it converted to before (with inputs added since at their
+    defaults)."""
     old = json.loads((FIXTURES / "qwen_image_teacache_saved_before_model_input.json").read_text())
     page.load_ui(old, "old_teacache")
     assert page.problems() == []
