@@ -10,19 +10,20 @@ from tests.helpers import run_in_comfyui
 EXPECTED_INPUTS = {
     "OmniLoader": {
         "model": "COMBO", "dtype": "COMBO", "device": "COMBO", "transformer_file": "COMBO", "transformer_2_file": "COMBO",
-        "compile": "COMBO",
+        "compile": "COMBO", "text_encoder_file": "COMBO", "text_encoder_2_file": "COMBO", "vae_file": "COMBO",
     },
     "OmniSampler": {
         "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
         "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT", "image": "IMAGE", "image_2": "IMAGE",
         "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT",
+        "positive": "CONDITIONING", "negative": "CONDITIONING",
     },
     "OmniTeaCache": {
-        "pipe": "OMNI_PIPE", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
+        "pipe": "OMNI_PIPE,MODEL", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
         "coefficients": "STRING", "max_consecutive_skips": "INT",
     },
     "OmniCacheDiT": {
-        "pipe": "OMNI_PIPE", "Fn_compute_blocks": "INT", "Bn_compute_blocks": "INT", "max_warmup_steps": "INT",
+        "pipe": "OMNI_PIPE,MODEL", "Fn_compute_blocks": "INT", "Bn_compute_blocks": "INT", "max_warmup_steps": "INT",
         "residual_diff_threshold": "FLOAT", "max_continuous_cached_steps": "INT", "max_cached_steps": "INT",
         "enable_taylorseer": "BOOLEAN", "taylorseer_order": "INT", "scm_steps_mask_policy": "COMBO",
         "scm_steps_policy": "COMBO",
@@ -37,15 +38,15 @@ EXPECTED_INPUTS = {
     },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",
-        "slicing": "BOOLEAN",
+        "slicing": "BOOLEAN", "vae": "VAE",
     },
 }
 EXPECTED_OUTPUTS = {
     "OmniLoader": ["OMNI_PIPE"],
     "OmniSampler": ["LATENT", "STRING"],
     "OmniVAETiledDecode": ["IMAGE"],
-    "OmniTeaCache": ["OMNI_PIPE"],
-    "OmniCacheDiT": ["OMNI_PIPE"],
+    "OmniTeaCache": ["OMNI_PIPE,MODEL"],
+    "OmniCacheDiT": ["OMNI_PIPE,MODEL"],
     "OmniFP8Quantize": ["OMNI_PIPE"],
     "OmniLayerwiseOffload": ["OMNI_PIPE"],
     "OmniParallelConfig": ["OMNI_PIPE"],
