@@ -94,10 +94,6 @@ class LoadSpec:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    @property
-    def replaced_components(self) -> list[str]:
-        return [attr for attr, _ in self.files] if self.folder else []
-
     def input_name(self, component: str) -> str:
         """The Loader input a component's file comes from (for messages)."""
         return f"{component}_file" if self.folder else INPUTS[component]

@@ -194,7 +194,7 @@ def branches_decide_separately(family: str, kind: str, steps: int = 12, split: b
     model = _patched(nm.patcher(family), kind, **settings)
     original = comfy.model_management.get_free_memory
     if split:  # what _calc_cond_batch sees when the batch does not fit: uncond and cond run as separate calls
-        comfy.model_management.get_free_memory = lambda *_, torch_free_too=False: (1, 1) if torch_free_too else 1
+        comfy.model_management.get_free_memory = lambda _device=None, torch_free_too=False: (1, 1) if torch_free_too else 1
     calls = []
     try:
         import comfy.patcher_extension

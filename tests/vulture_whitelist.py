@@ -14,6 +14,7 @@ _.NODE_CLASS_MAPPINGS
 _.OUTPUT_NODE
 _.hold
 _.set_memory
+_.compare
 _.arm
 # pytest fixtures that only set something up (requested by name, their value unused)
 _.small_edit_references

@@ -126,7 +126,7 @@ def diffusers_twin(family: str, module: torch.nn.Module) -> torch.nn.Module:
                       pooled_projection_dim=unet["vec_in_dim"], guidance_embeds=unet["guidance_embed"],
                       axes_dims_rope=tuple(unet["axes_dim"]))
         model = diffusers.FluxTransformer2DModel(**config)
-        state = FLUX_BFL.to_diffusers(state, {**config, "mlp_ratio": unet["mlp_ratio"]})
+        state = FLUX_BFL.to_diffusers(state)  # sizes read from the tensors
     elif family == "wan":
         model = diffusers.WanTransformer3DModel(
             patch_size=tuple(unet["patch_size"]), num_attention_heads=unet["num_heads"],
