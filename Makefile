@@ -27,6 +27,8 @@ bench: setup
 	@$(PY) bench/overhead.py
 	@$(PY) bench/vae_memory.py
 	@$(PY) bench/server.py
+	@$(PY) bench/native.py
+	@$(PY) bench/fp8_scaled.py
 
 clean:
 	rm -rf .build out

@@ -165,6 +165,12 @@ class OmniPipe:
             existing.check_stack((accelerator,))
         return replace(self, recipe=self.recipe + (accelerator,))
 
+    def for_request(self, request) -> "OmniPipe":
+        """The pipe a run loads: without its text-encoder files when ComfyUI encoded the prompt (CONDITIONING)."""
+        if request.positive is None:
+            return self
+        return replace(self, spec=self.spec.without_text_encoders())
+
     @property
     def variant(self) -> Variant:
         prepared = [e.for_recipe(self.recipe) for e in self.recipe if e.load_time]

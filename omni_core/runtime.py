@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -48,8 +48,7 @@ def generate(pipe: OmniPipe, request: GenerationRequest, store: ModelStore, on_s
              previews: bool | PreviewSettings = False, check_cancel: Callable[[], None] | None = None,
              ) -> GenerationResult:
     request = checked_request(pipe, request, store)
-    if request.positive is not None:  # ComfyUI encoded the prompt: the pack's text encoder is not loaded at all
-        pipe = replace(pipe, spec=pipe.spec.without_text_encoders())
+    pipe = pipe.for_request(request)
     family = pipe.spec.model_family
     report = RunReport(model=pipe.spec.name, family=family.name, pipeline=pipe.spec.source.pipeline_class_name,
                        dtype=pipe.spec.dtype, device=pipe.spec.device, request=request.describe(family.uses),

@@ -134,7 +134,7 @@ def diffusers_twin(family: str, module: torch.nn.Module) -> torch.nn.Module:
             out_channels=unet["out_dim"], text_dim=unet["text_dim"], freq_dim=unet["freq_dim"],
             ffn_dim=unet["ffn_dim"], num_layers=unet["num_layers"], cross_attn_norm=unet["cross_attn_norm"],
             qk_norm="rms_norm_across_heads", eps=unet["eps"])
-        state = WAN_ORIGINAL.to_diffusers(state, {})
+        state = WAN_ORIGINAL.to_diffusers(state)
     else:
         model = diffusers.ZImageTransformer2DModel(
             all_patch_size=(unet["patch_size"],), all_f_patch_size=(1,), in_channels=unet["in_channels"],
@@ -142,7 +142,7 @@ def diffusers_twin(family: str, module: torch.nn.Module) -> torch.nn.Module:
             n_heads=unet["n_heads"], n_kv_heads=unet["n_kv_heads"], qk_norm=unet["qk_norm"],
             cap_feat_dim=unet["cap_feat_dim"], rope_theta=unet["rope_theta"], t_scale=unet["time_scale"],
             axes_dims=unet["axes_dims"], axes_lens=unet["axes_lens"])
-        state = Z_IMAGE_ORIGINAL.to_diffusers(state, {})
+        state = Z_IMAGE_ORIGINAL.to_diffusers(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{family}: the converted weights do not fit diffusers' model: missing {missing[:5]}, "
