@@ -46,6 +46,7 @@ def test_every_type_is_dequantized_on_the_fly_like_the_reference(tmp_path, kind)
     layer = model[0]
     assert type(layer).__name__ == "GGUFLinear" and layer.weight.quant_type == qtype, "kept quantized in memory"
     assert layer.weight.numel() == blocks.size, "holds the file's bytes"
+    assert torch.equal(layer.bias, torch.from_numpy(bias)), "an F32 tensor of the file is loaded exactly"
     x = torch.randn(3, 512)
     reference = torch.from_numpy(quants.dequantize(blocks, qtype).astype(np.float32))
     # diffusers' dequantizers compute in fp16: each weight within one fp16 rounding of gguf-py's fp32 values.
