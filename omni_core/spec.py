@@ -20,6 +20,11 @@ FOLDER_REPLACEABLE = ("transformer", "transformer_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
+def _without(entries: tuple, components: tuple[str, ...]) -> tuple:
+    """Entries (files or fingerprint rows, each starting with its component) except those of `components`."""
+    return tuple(entry for entry in entries if entry[0] not in components)
+
+
 def _resolved(files: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((component, str(Path(path).resolve())) for component, path in (files or {}).items()))
 
@@ -74,10 +79,8 @@ class LoadSpec:
     def without_text_encoders(self) -> "LoadSpec":
         """The same single-file model without its text-encoder files: what a run whose prompt comes as ComfyUI's
         CONDITIONING loads (a folder's own text encoders are part of its pipeline and stay)."""
-        if not any(component in TEXT_ENCODERS for component, _ in self.files):
-            return self
-        keep = lambda entries: tuple(e for e in entries if e[0] not in TEXT_ENCODERS)  # noqa: E731
-        return replace(self, files=keep(self.files), fingerprint=keep(self.fingerprint))
+        return replace(self, files=_without(self.files, TEXT_ENCODERS),
+                       fingerprint=_without(self.fingerprint, TEXT_ENCODERS))
 
     @property
     def source(self) -> ModelSource | FilesSource:
