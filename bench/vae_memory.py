@@ -34,7 +34,7 @@ CASES = {
 }
 # --quick (the test of this script): small decodes, same mechanics.
 QUICK_CASES = {
-    "image 512x512 (Qwen-Image VAE, base_dim 16)": ("AutoencoderKLQwenImage", {"base_dim": 16}, (1, 16, 1, 64, 64), 64),
+    "image 512x512 (Qwen-Image VAE, base_dim 16)": ("AutoencoderKLQwenImage", {"base_dim": 16}, (1, 16, 1, 64, 64), 128),
 }
 SETTINGS = ("untiled", "tiled")
 
