@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -37,6 +38,12 @@ QUICK_CASES = {
     "image 512x512 (Qwen-Image VAE, base_dim 16)": ("AutoencoderKLQwenImage", {"base_dim": 16}, (1, 16, 1, 64, 64), 128),
 }
 SETTINGS = ("untiled", "tiled")
+# glibc's malloc keeps freed memory in its arenas and raises its mmap threshold as large blocks are freed, so
+# how much of a freed tensor stays resident (and so the high-water mark) varied from run to run: one tiled
+# decode once "peaked" above the untiled one. A fixed threshold serves every block of 1 MiB or more from its
+# own mapping, returned on free, so resident memory follows the live tensors. It makes the decodes slower
+# (more mappings), so the seconds column is not a speed figure.
+MEASURING_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": str(2**20)}
 
 
 def _memory_mb(field: str) -> float:
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
                 options = {"tiling": setting == "tiled", "tile_size": tile, "tile_overlap": tile // 4, "slicing": False}
                 job = {"vae": vae_class, "config": config, "shape": list(shape), "options": options}
                 out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
-                                     text=True, check=True, cwd=ROOT)
+                                     text=True, check=True, cwd=ROOT, env={**os.environ, **MEASURING_ALLOCATOR})
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 raw[case][setting].append(result)
                 print(f"round {round_index + 1} {case} {setting}: {result['decode_peak_mb']:.0f} MB, "
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
     lines = ["# VAE decode peak memory, tiled vs untiled", "",
              f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min). Machine: {platform.processor() or platform.machine()}, "
              f"{platform.system()}; CPU, fp32, released VAE architectures with random weights. Each decode in a fresh process; peak = VmHWM (reset before the decode) minus the memory with the "
-             f"VAE loaded and the latent made; median of {args.rounds} rounds, settings alternating.", "",
+             f"VAE loaded and the latent made, malloc blocks of 1 MiB and more mapped on their own (so freed memory leaves the peak; this slows the decodes); median of {args.rounds} rounds, settings alternating.", "",
              "| decode | setting | peak memory added MB | seconds | peak vs untiled |", "| --- | --- | ---: | ---: | ---: |"]
     summary = {}
     for case in cases:

@@ -103,9 +103,11 @@ def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptio
 
 # What a decode holds at its peak, measured with bench/vae_memory.py on the released Qwen-Image and Wan VAE
 # architectures (results in bench/results/vae_memory.json): about 20 feature maps of the decoder's
-# full-resolution stage at once (a 1024x1024 decode: 2872 MB = 21 maps of 1024 x 1024 x 32 floats), over
+# full-resolution stage at once (a 1024x1024 decode: 2711 MB = 21 maps of 1024 x 1024 x 32 floats), over
 # the frames decoded together (video VAEs decode a latent frame, 4 output frames, at a time and keep the
 # last 2 frames of each causal convolution's input), plus the decoded pixels and their converted copies.
+# Against the benchmark's cases the estimate is 0.96x (image), 2.1x (video; the measurement frees memory
+# at once, a caching allocator holds more), 0.95x / 0.87x tiled.
 _FULL_RESOLUTION_MAPS = 20
 _VIDEO_FRAMES_AT_ONCE = 4 + 2
 _PIXEL_COPIES = 3  # the decoder's output, its [0, 1] rescale, the clamped IMAGE
@@ -113,8 +115,8 @@ _TILED_PIXEL_COPIES = 4  # and the decoded tiles kept for blending
 
 
 def decode_peak_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_bytes: int) -> int:
-    """An estimate of the memory a decode needs at its peak on the VAE's device (within 2x of the measured
-    peak on the benchmark's cases; tests/unit/test_vae.py checks it against a measurement)."""
+    """An estimate of the memory a decode needs at its peak on the VAE's device (see the figures above;
+    tests/unit/test_bench.py checks it against the benchmark's quick measurement)."""
     ratio = spatial_compression(vae)
     batch, height, width = samples.shape[0], samples.shape[-2] * ratio, samples.shape[-1] * ratio
     frames = 1
