@@ -50,7 +50,9 @@ class OmniSampler(OmniNode):
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="ComfyUI's CONDITIONING (CLIPTextEncode, TextEncodeQwenImageEdit, FluxGuidance, "
                                               "...) in place of the prompt text: what a pipe without a text encoder file "
-                                              "needs. Flux takes its guidance from it (3.5 unless FluxGuidance set one)."),
+                                              "needs. Flux takes its guidance from it (3.5 unless FluxGuidance set one); "
+                                              "Qwen-Image its edit images' latents (ReferenceLatent, or the edit encode "
+                                              "node given a VAE), which then replace the image inputs."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="The negative prompt's CONDITIONING, used when cfg > 1 (an empty prompt's "
                                               "encoding is fine)."),

@@ -74,6 +74,8 @@ def _embeds(family: str, cond: torch.Tensor, extras: dict, to) -> dict:
 CONDITIONING_FAMILIES = ("qwen-image", "qwen-image-edit", "z-image", "wan", "flux")
 # The extras a pipeline run applies; any other (areas, masks, ControlNets, hooks, timestep ranges) would be lost.
 APPLIED_EXTRAS = ("pooled_output", "attention_mask", "guidance")
+# How reference images get their positions (ComfyUI's reference_latents_method); Qwen-Image models use "index".
+REFERENCE_METHODS = ("index",)
 
 
 def portable_conditioning(conditioning, input_name: str) -> list:
@@ -82,17 +84,22 @@ def portable_conditioning(conditioning, input_name: str) -> list:
     cond, extras = _single(conditioning, input_name)
     kept = {}
     for key, value in extras.items():
-        if value is None or key in APPLIED_EXTRAS:
-            if value is not None:
-                kept[key] = value
+        if value is None:
             continue
-        if key == "reference_latents":
-            raise InvalidInput(input_name, "carries reference_latents (an edit node given a VAE): the Sampler "
-                               "encodes the edit images itself.", "the text encode node without a vae input, and "
-                               "the images on the Sampler's image inputs")
-        raise InvalidInput(input_name, f"carries '{key}' (set by a conditioning node), which a pipeline run cannot "
-                           "apply.", "a text encode's output, optionally through FluxGuidance; for areas, masks, "
-                           "ControlNet or hooks use KSampler with TeaCache / Cache-DiT on the MODEL")
+        if key in APPLIED_EXTRAS:
+            kept[key] = value
+        elif key == "reference_latents":
+            kept[key] = raw_reference_latents(conditioning, input_name)
+        elif key == "reference_latents_method":
+            if value not in REFERENCE_METHODS:
+                raise InvalidInput(input_name, f"sets reference_latents_method '{value}': Qwen-Image's edit models "
+                                   "place each reference image at its own RoPE index, which is what diffusers' "
+                                   "transformer computes.", REFERENCE_METHODS)
+            kept[key] = value
+        else:
+            raise InvalidInput(input_name, f"carries '{key}' (set by a conditioning node), which a pipeline run cannot "
+                               "apply.", "a text encode's output, optionally through FluxGuidance or ReferenceLatent; "
+                               "for areas, masks, ControlNet or hooks use KSampler with TeaCache / Cache-DiT on the MODEL")
     return [[cond, kept]]
 
 
@@ -114,25 +121,47 @@ def pipeline_prompt_arguments(family: str, positive, negative=None, dtype: torch
     return arguments
 
 
-def reference_latents(conditioning, latents_mean, latents_std) -> list[torch.Tensor]:
-    """Qwen-Image-Edit's reference images from ReferenceLatent / TextEncodeQwenImageEdit(Plus): raw VAE latents,
-    normalised as the model sees them ((z - mean) / std per channel: ComfyUI's Wan21 latent format, diffusers'
-    VAE config `latents_mean` / `latents_std`). Passed as the edit pipeline's `image` (a latent-sized tensor is not
-    encoded again)."""
-    _, extras = _single(conditioning, "positive")
+def raw_reference_latents(conditioning, input_name: str) -> list[torch.Tensor]:
+    """The reference images' raw VAE latents a CONDITIONING carries (ReferenceLatent, TextEncodeQwenImageEdit(Plus)
+    given a VAE), checked to be one-frame latents; [] for none (or no CONDITIONING)."""
+    if conditioning is None:
+        return []
+    _, extras = _single(conditioning, input_name)
+    latents = extras.get("reference_latents")
+    if latents is None:
+        return []
+    if not isinstance(latents, (list, tuple)):
+        raise InvalidInput(input_name, "carries reference_latents that are not a list of latents.",
+                           "the output of ReferenceLatent or of an edit text encode node given a VAE")
+    for latent in latents:
+        if not (torch.is_tensor(latent) and (latent.ndim == 4 or (latent.ndim == 5 and latent.shape[2] == 1))):
+            shape = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
+            raise InvalidInput(input_name, f"carries a reference latent of shape {shape}; reference images are "
+                               "one-frame latents.", "(batch, channels, h, w) or (batch, channels, 1, h, w), as VAE "
+                               "Encode gives them")
+    return list(latents)
+
+
+def reference_latents(conditioning, latents_mean, latents_std, input_name: str) -> list[torch.Tensor]:
+    """The reference latents normalised as the model sees them ((z - mean) / std per channel: ComfyUI's Wan21
+    latent format, diffusers' VAE config `latents_mean` / `latents_std`)."""
     out = []
-    for latent in extras.get("reference_latents") or []:
+    for latent in raw_reference_latents(conditioning, input_name):
         shape = (1, -1) + (1,) * (latent.ndim - 2)
         mean = torch.as_tensor(latents_mean, dtype=latent.dtype).reshape(shape)
         std = torch.as_tensor(latents_std, dtype=latent.dtype).reshape(shape)
-        if mean.numel() != latent.shape[1]:
-            raise InvalidInput("reference_latents", f"have {latent.shape[1]} channels but the VAE's statistics "
-                               f"{mean.numel()}: encoded by another VAE?")
+        check_reference_channels(latent.shape[1], mean.numel(), input_name)
         out.append((latent - mean) / std)
     return out
 
 
-# --- the other way: ComfyUI's CONDITIONING from a transformers text encoder's output ----------------------------
+def check_reference_channels(channels: int, vae_channels: int, input_name: str) -> None:
+    if channels != vae_channels:
+        raise InvalidInput(input_name, f"carries reference latents with {channels} channels but the VAE's "
+                           f"statistics have {vae_channels}: encoded by another model's VAE?",
+                           f"latents of this model's VAE ({vae_channels} channels)")
+
+
 def _conditioning(cond: torch.Tensor, **extras) -> list:
     return [[cond.float().cpu(), {"pooled_output": None, **extras}]]
 

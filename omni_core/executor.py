@@ -121,7 +121,8 @@ class LocalExecutor(Executor):
         for message in self.notes:
             report.note(message)
         run = Run(self, request, report, on_step)
-        applied = [*instruments_for(on_step, previews), *self.variant.entries, *run_entries]
+        applied = [*instruments_for(on_step, previews), *self.variant.entries, *run_entries,
+                   *self.family.run_entries(self.spec.source, request)]
         with run_scope(run, applied):
             for message in self.family.ignored_input_notes(request) + run.pipeline_call.notes:
                 report.note(message)

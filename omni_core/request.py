@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from .conditioning import raw_reference_latents
 from .settings import check_settings, setting, settings_of
 
 MAX_SEED = 2**64 - 1
@@ -79,6 +80,9 @@ class GenerationRequest:
             described["input_images"] = len(self.images)
         if self.positive is not None:
             described["prompt_from"] = "CONDITIONING"
+            references = raw_reference_latents(self.positive, "positive")
+            if references:
+                described["reference_latents"] = len(references)
         return described
 
     def check(self) -> None:

@@ -27,7 +27,7 @@ class Run:
     """One generation in progress. Accelerators read and patch the pipeline through this object."""
 
     def __init__(self, executor, request: GenerationRequest, report: RunReport, on_step: StepListener | None = None):
-        self.pipeline = executor.pipeline
+        self.pipeline = executor.family.run_pipeline(executor.pipeline, request)
         self.family = executor.family
         self.state = executor.state  # what load-time entries keep with the pipeline (placement, compiled)
         self.rank = executor.rank  # the ranks this run shares its work with (a single process: none)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..conditioning import pipeline_prompt_arguments
+from ..conditioning import pipeline_prompt_arguments, raw_reference_latents
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
@@ -77,6 +77,9 @@ class ModelFamily:
     cache_dit: ClassVar[bool] = True
     # Transformer modules that must keep full precision (matched on qualified names).
     precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
+    # Whether its CONDITIONING may carry reference images' latents (ReferenceLatent, an edit text encode node
+    # given a VAE).
+    takes_reference_latents: ClassVar[bool] = False
 
     # --- requests -------------------------------------------------------------------------------
     def size_multiple(self, source: ModelSource) -> int:
@@ -88,6 +91,11 @@ class ModelFamily:
 
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         request.check()
+        for name in ("positive", "negative"):
+            if raw_reference_latents(getattr(request, name), name) and not self.takes_reference_latents:
+                raise InvalidInput(name, "carries reference_latents (reference images, from ReferenceLatent or an edit "
+                                   f"text encode node given a VAE): {self.name} models do not take reference images.",
+                                   "the text encode node's output without reference images")
         if request.positive is None and not source.has_component("text_encoder"):
             raise InvalidInput("positive", f"'{source.name}' has no text encoder (no text_encoder_file): the prompt "
                                "comes as ComfyUI's CONDITIONING.", "a CLIPTextEncode (or the family's text encode "
@@ -105,7 +113,9 @@ class ModelFamily:
             value = getattr(request, name)
             if value == 0:
                 raise InvalidInput(
-                    name, f"0 (automatic) needs an edit model and an input image; this is a {self.name} model.",
+                    name, "0 (automatic) needs an edit model and an input image" + (
+                        ", or reference latents in the CONDITIONING" if self.takes_reference_latents else "")
+                    + f"; this is a {self.name} model.",
                     f"multiples of {multiple}",
                 )
             if value % multiple:
@@ -127,6 +137,18 @@ class ModelFamily:
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict[str, Any], list[str]]:
         """The family's guidance arguments for the pipeline (and notes on inputs that did not apply)."""
         raise NotImplementedError
+
+    def reference_token_counts(self, request: GenerationRequest) -> tuple[int, int]:
+        """Tokens the positive's and the negative's reference images add to each of their transformer calls."""
+        return 0, 0
+
+    def run_pipeline(self, pipeline, request: GenerationRequest):
+        """The pipeline whose loop a run calls: the loaded one, or another over the same modules."""
+        return pipeline
+
+    def run_entries(self, source: ModelSource, request: GenerationRequest) -> tuple:
+        """What the request itself adds to a run, applied like the recipe's run-time entries."""
+        return ()
 
     def transformer_calls_per_step(self, request: GenerationRequest) -> int:
         return 2 if request.cfg > 1 and not self.cfg_batched else 1

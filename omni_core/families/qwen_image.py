@@ -8,10 +8,12 @@ import diffusers
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
+from ..conditioning import check_reference_channels, raw_reference_latents
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, mean_std_latent
+from .qwen_image_references import AppendedReferences, reference_token_count, reference_tokens
 from .facts import (
     EMBEDDING, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, ReleasedDefaults, Shapes,
     SingleFile, StepSignal, count, rope_axes,
@@ -106,10 +108,60 @@ class QwenImageFamily(ModelFamily):
         *COMMON_PRECISION_SENSITIVE,
     )
 
+    takes_reference_latents = True  # ComfyUI loads edit models' files with this class: edits come as CONDITIONING
+
     def size_multiple(self, source: ModelSource) -> int:
         # Latents are 2x2-patched, so sizes must divide VAE downscale x 2.
         vae_scale = 2 ** len(source.component_config("vae")["temperal_downsample"])
         return vae_scale * 2
+
+    # --- edits from CONDITIONING: reference latents (see qwen_image_references.py) --------------------------
+    @staticmethod
+    def _references(request: GenerationRequest) -> list:
+        return raw_reference_latents(request.positive, "positive")
+
+    def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
+        references = self._references(request)
+        if (request.width and request.height) or not references:
+            return request
+        # Automatic size: the last reference image's (ComfyUI's edit nodes scale it to about 1 MP before encoding).
+        multiple, vae_scale = self.size_multiple(source), self.size_multiple(source) // 2
+        height, width = (max(multiple, side * vae_scale // multiple * multiple) for side in references[-1].shape[-2:])
+        return replace(request, width=request.width or width, height=request.height or height)
+
+    def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
+        super().check_request(source, request)
+        channels = len(source.component_config("vae")["latents_mean"])
+        for name in ("positive", "negative"):
+            for latent in raw_reference_latents(getattr(request, name), name):
+                check_reference_channels(latent.shape[1], channels, name)
+                if latent.shape[0] not in (1, request.batch_size):
+                    raise InvalidInput(name, f"carries a reference latent batch of {latent.shape[0]} for a batch_size "
+                                       f"of {request.batch_size}.", f"reference latents of batch 1 or {request.batch_size}")
+
+    def reference_token_counts(self, request: GenerationRequest) -> tuple[int, int]:
+        return reference_token_count(request.positive, "positive"), reference_token_count(request.negative, "negative")
+
+    def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
+        return self.image_tokens(source, request) + max(self.reference_token_counts(request))
+
+    def run_entries(self, source: ModelSource, request: GenerationRequest) -> tuple:
+        if not self._references(request) and not raw_reference_latents(request.negative, "negative"):
+            return ()
+        config = source.component_config("vae")
+        statistics = (config["latents_mean"], config["latents_std"])
+        branches = [reference_tokens(request.positive, *statistics, "positive")]
+        if request.cfg > 1:
+            branches.append(reference_tokens(request.negative, *statistics, "negative"))
+        return (AppendedReferences(branches),)
+
+    def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
+        call = super().pipeline_call(pipeline, request)
+        if request.positive is not None:
+            # ComfyUI keeps every token of the CONDITIONING (an edit prompt also holds its images' vision tokens);
+            # the pipelines would cut prompt embeddings at max_sequence_length (512), and None cuts nothing.
+            call.kwargs["max_sequence_length"] = None
+        return call
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         return {"true_cfg_scale": request.cfg}, []
@@ -154,10 +206,20 @@ class QwenImageEditFamily(QwenImageFamily):
     def _is_plus(source: ModelSource) -> bool:
         return source.pipeline_class_name == "QwenImageEditPlusPipeline"
 
-    def _references(self, source: ModelSource, request: GenerationRequest) -> list:
+    def _input_images(self, source: ModelSource, request: GenerationRequest) -> list:
         return list(request.images) if self._is_plus(source) else list(request.images[:1])
 
+    def run_pipeline(self, pipeline, request: GenerationRequest):
+        if not self._references(request):
+            return pipeline
+        # The edit pipelines encode their images themselves and take no latents: the text-to-image loop over the
+        # same modules, with the reference tokens appended to each transformer call (run_entries).
+        modules = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+        return diffusers.QwenImagePipeline(**{name: getattr(pipeline, name) for name in modules})
+
     def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
+        if self._references(request):
+            return super().transformer_tokens(source, request)
         """The output's tokens, each reference image's (the pipeline scales every one to about 1 MP and adds
         its latent to the sequence), and the vision tokens of the images the text encoder sees (Edit: the
         same 1 MP image; Edit-Plus: each at about 384x384), which join the prompt's stream."""
@@ -166,7 +228,7 @@ class QwenImageEditFamily(QwenImageFamily):
         vision_area = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE if self._is_plus(source) else 1024 * 1024
         patch = _vision_patch(source)
         tokens = self.image_tokens(source, request)
-        for image in self._references(source, request):
+        for image in self._input_images(source, request):
             width, height = module.calculate_dimensions(1024 * 1024, image.width / image.height)[:2]
             tokens += (height // multiple) * (width // multiple)
             width, height = module.calculate_dimensions(vision_area, image.width / image.height)[:2]
@@ -174,8 +236,12 @@ class QwenImageEditFamily(QwenImageFamily):
         return tokens
 
     def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
+        if self._references(request):
+            return super().prepare(source, request)
         if not request.images:
-            raise InvalidInput("image", f"{source.pipeline_class_name} edits an input image; connect one (e.g. from Load Image).")
+            raise InvalidInput("image", f"{source.pipeline_class_name} edits an input image; connect one (e.g. from Load "
+                               "Image), or give the CONDITIONING its reference latents (an edit text encode node "
+                               "given a VAE, or ReferenceLatent).")
         if self._is_plus(source) and len(request.images) > MAX_REFERENCE_IMAGES:
             raise InvalidInput("image", f"{len(request.images)} reference images: each adds about a megapixel of "
                                "tokens to every step.", f"1 to {MAX_REFERENCE_IMAGES} images in all (image, image_2, image_3 "
@@ -195,6 +261,11 @@ class QwenImageEditFamily(QwenImageFamily):
 
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         call = super().pipeline_call(pipeline, request)
+        if self._references(request):
+            if request.images:
+                call.notes.append(f"{len(request.images)} input image(s) ignored: the CONDITIONING carries reference "
+                                  "latents (the edit node's images)")
+            return call
         if isinstance(pipeline, diffusers.QwenImageEditPlusPipeline):
             call.kwargs["image"] = list(request.images)
         else:

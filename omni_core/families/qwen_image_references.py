@@ -105,3 +105,11 @@ class AppendedReferences:
         finally:
             for handle in handles:
                 handle.remove()
+        counts = [len(branch.shapes) if branch else 0 for branch in self.branches]
+        tokens = [branch.tokens.shape[1] if branch else 0 for branch in self.branches]
+        names = ("prompt", "negative prompt")
+        described = ", ".join(f"{count} in the {name}'s ({tokens[i]} tokens)" for i, (count, name) in
+                              enumerate(zip(counts, names)))
+        run.report.section("reference_images").update(
+            images=counts, tokens_per_call=tokens, transformer_calls=calls,
+            summary=f"reference images: {described}, added to {calls} transformer calls")

@@ -141,6 +141,24 @@ class ParallelConfig(ExecutionLayout):
         if self.cfg_parallel_size == 2 and request.cfg <= 1:
             raise InvalidInput("cfg", f"{request.cfg}: CFG parallel runs the prompt and the negative prompt on two ranks, "
                                "and cfg <= 1 turns CFG off.", "above 1, or cfg_parallel_size 1")
+        references = spec.model_family.reference_token_counts(request)
+        if self.sequence_degree > 1 and any(references):
+            # diffusers' split hooks cut the sequence into equal parts (an odd count fails in the ranks' gather).
+            image = spec.model_family.image_tokens(spec.source, request)
+            for name, tokens in zip(("positive", "negative"), references):
+                if (image + tokens) % self.sequence_degree:
+                    raise InvalidInput(name, f"the output's {image} tokens and its reference images' {tokens} do not "
+                                       f"split evenly over {self.sequence_degree} sequence-parallel ranks.",
+                                       "reference images whose sizes make the sum divide (their latent sizes in "
+                                       "2x2 patches), a size that does, or ulysses_degree x ring_degree 1")
+        if self.cfg_parallel_size == 2:
+            # The two ranks exchange whole transformer outputs, reference-image tokens included.
+            tokens = references
+            if tokens[0] != tokens[1]:
+                raise InvalidInput("negative", f"CFG parallel: the prompt's transformer calls take {tokens[0]} "
+                                   f"reference-image tokens and the negative prompt's {tokens[1]}.",
+                                   "the same reference latents in both CONDITIONINGs (both edit text encodes given "
+                                   "the same images and VAE), or cfg_parallel_size 1")
 
     # --- memory: nothing of the pipeline lives in this process; CPU ranks share its memory ----------------
     def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:

@@ -107,6 +107,39 @@ def test_comfyui_text_encode_and_vae_decode_around_the_sampler(comfy, folder_pic
     assert psnr(ours, folder_pictures[name]) >= 35.0
 
 
+def test_an_edit_through_comfyuis_reference_latent(comfy):
+    """Qwen-Image edits as ComfyUI wires them: the image through ComfyUI's VAE Encode into ReferenceLatent on each
+    CONDITIONING, then the Sampler of a single-file pipe (0 x 0: the reference's size). Equality with diffusers'
+    edit pipelines is checked in tests/unit/test_qwen_edit_conditioning.py."""
+    name = "files-qwen-image"
+    prompt = files_prompt(name, text_encoders=False, cfg=2.5)
+    clip = {"clip_name": f"{name}-{TEXT_ENCODERS[name][0][0]}.safetensors", "family": "qwen-image"}
+    prompt |= {
+        "10": {"class_type": "OmniTestCLIPLoader", "inputs": clip},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": "make it blue"}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["10", 0], "text": ""}},
+        "13": {"class_type": "VAELoader", "inputs": {"vae_name": f"{name}-vae.safetensors"}},
+        "14": {"class_type": "EmptyImage", "inputs": {"width": 80, "height": 48, "batch_size": 1, "color": 0xC02010}},
+        "15": {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["13", 0]}},
+        "16": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["11", 0], "latent": ["15", 0]}},
+        "17": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["12", 0], "latent": ["15", 0]}},
+    }
+    plain = json.loads(json.dumps(prompt))
+    plain["2"]["inputs"] |= {"positive": ["11", 0], "negative": ["12", 0]}
+    prompt["2"]["inputs"] |= {"positive": ["16", 0], "negative": ["17", 0]}
+    from tools.comfy_harness import node_text_output
+
+    entry = comfy.run(prompt)
+    edit, without = _images(comfy, entry, "4"), _images(comfy, comfy.run(plain), "4")
+    assert edit.shape == without.shape == (1, 64, 64, 3)
+    assert not np.array_equal(edit, without), "the reference image changes the picture"
+    # 80 x 48 px at the VAE's 8x, in 2x2 patches: 5 x 3 = 15 tokens on each of 3 steps x 2 CFG calls
+    assert ("reference images: 1 in the prompt's (15 tokens), 1 in the negative prompt's (15 tokens), added to 6 "
+            "transformer calls") in node_text_output(entry, "2")[0]
+    prompt["2"]["inputs"] |= {"width": 0, "height": 0}
+    assert _images(comfy, comfy.run(prompt), "4").shape == (1, 48, 80, 3)
+
+
 def test_a_pipe_without_text_encoder_or_vae_names_what_is_missing(comfy):
     with pytest.raises(ExecutionFailed) as info:
         comfy.run(files_prompt("files-qwen-image", text_encoders=False))

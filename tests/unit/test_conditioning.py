@@ -78,13 +78,15 @@ def test_reference_latents_are_normalised_per_channel():
     raw = torch.arange(2 * 3 * 1 * 2 * 2, dtype=torch.float32).reshape(2, 3, 1, 2, 2)
     positive = _cond(reference_latents=[raw, raw[:1]])
     mean, std = [1.0, 2.0, 3.0], [0.5, 2.0, 4.0]
-    first, second = conditioning.reference_latents(positive, mean, std)
+    first, second = conditioning.reference_latents(positive, mean, std, "positive")
     assert first.shape == raw.shape and second.shape == (1, 3, 1, 2, 2)
     for channel in range(3):
         torch.testing.assert_close(first[:, channel], (raw[:, channel] - mean[channel]) / std[channel])
-    assert conditioning.reference_latents(_cond(), mean, std) == []
-    with pytest.raises(InvalidInput, match="have 3 channels but the VAE's statistics 16"):
-        conditioning.reference_latents(positive, [0.0] * 16, [1.0] * 16)
+    assert conditioning.reference_latents(_cond(), mean, std, "positive") == []
+    assert conditioning.reference_latents(None, mean, std, "negative") == []
+    with pytest.raises(InvalidInput, match="^negative: carries reference latents with 3 channels but the VAE's "
+                                           "statistics have 16"):
+        conditioning.reference_latents(positive, [0.0] * 16, [1.0] * 16, "negative")
 
 
 def test_qwen_template_end_follows_comfyui():

@@ -293,3 +293,40 @@ def test_cfg_parallel_needs_equal_reference_tokens_in_both_branches(model_dirs):
         ParallelConfig(cfg_parallel_size=2).check_request(spec, uneven)
     even = GenerationRequest(positive=uneven.positive, negative=_random(5, 1, references), cfg=2.0)
     ParallelConfig(cfg_parallel_size=2).check_request(spec, even)
+
+
+# --- on worker ranks -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(ulysses_degree=2), dict(cfg_parallel_size=2)])
+def test_reference_latents_on_cpu_ranks_equal_the_single_process_run(comfy_files, monkeypatch, layout):
+    """The CONDITIONING (reference latents included) travels to the ranks; each appends its branch's tokens
+    before the sequence is split (Ulysses) or the branches are exchanged (CFG parallel)."""
+    from omni_core import LoadSpec, ModelStore, OmniPipe
+
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "2")
+    spec = LoadSpec.from_files({"transformer": str(comfy_files / "diffusion_models" / "files-qwen-image.safetensors")},
+                               "files-qwen-image.safetensors")
+    references = [_latent(1, 16, 1, 6, 8, seed=7)]
+    request = GenerationRequest(positive=_random(6, 0, references, width=256), negative=_random(4, 1, references,
+                                width=256), seed=2, steps=2, cfg=2.0, width=64, height=48)
+    store = ModelStore()
+    try:
+        alone = generate(OmniPipe(spec), request, store)
+        without = generate(OmniPipe(spec), replace(request, positive=_random(6, 0, width=256)), store)
+        store.release()
+        parallel = generate(OmniPipe(spec).with_accelerator(ParallelConfig(**layout)), request, store)
+    finally:
+        store.release()
+    assert parallel.report.sections["parallel"]["world_size"] == 2
+    assert parallel.report.sections["reference_images"]["tokens_per_call"] == [12, 12]
+    assert (parallel.latent - alone.latent).abs().max() <= 1e-5
+    assert (alone.latent - without.latent).abs().max() > 1e-3, "the references make a difference"
+
+
+def test_sequence_parallel_needs_tokens_that_split_evenly(model_dirs):
+    spec = tiny_pipe(model_dirs, "tiny-qwen-image").spec
+    request = GenerationRequest(positive=_random(5, 0, [_latent(1, 4, 6, 10)]), cfg=1.0, width=32, height=24)
+    with pytest.raises(InvalidInput, match="^positive: the output's 12 tokens and its reference images' 15 do not split "
+                                           "evenly over 2 sequence-parallel ranks"):
+        ParallelConfig(ulysses_degree=2).check_request(spec, request)
+    ParallelConfig(ulysses_degree=2).check_request(spec, replace(request, positive=_random(5, 0, [_latent(1, 4, 6, 8)])))
