@@ -23,6 +23,7 @@ Precisions (ComfyUI's forms):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -61,23 +62,27 @@ _SENTENCES = (
 )
 
 
-def _model(kind: str, seed: int) -> torch.nn.Module:
+def transformers_model(kind: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
+    """The small float32 transformers model the files of `kind` are written from (seeded random weights); the
+    released vocabulary size unless `vocab_size` is given."""
     import transformers
     from accelerate import init_empty_weights
 
+    vocab = {"vocab_size": vocab_size} if vocab_size else {}
     if kind == "qwen2.5-vl":
         # the reference ties lm_head (unused here) to save its memory
-        config = transformers.Qwen2_5_VLConfig(text_config=QWEN25_VL["text"], vision_config=QWEN25_VL["vision"],
-                                               tie_word_embeddings=True)
+        config = transformers.Qwen2_5_VLConfig(text_config={**QWEN25_VL["text"], **vocab},
+                                               vision_config=QWEN25_VL["vision"], tie_word_embeddings=True)
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
     elif kind == "qwen3":
-        config, model_class = transformers.Qwen3Config(**QWEN3), transformers.Qwen3Model
+        config, model_class = transformers.Qwen3Config(**{**QWEN3, **vocab}), transformers.Qwen3Model
     elif kind == "umt5-xxl":
-        config, model_class = transformers.UMT5Config(vocab_size=256384, **T5_SIZES), transformers.UMT5EncoderModel
+        config = transformers.UMT5Config(**{"vocab_size": 256384, **vocab}, **T5_SIZES)
+        model_class = transformers.UMT5EncoderModel
     elif kind == "t5-xxl":
-        config, model_class = transformers.T5Config(vocab_size=32128, **T5_SIZES), transformers.T5EncoderModel
+        config, model_class = transformers.T5Config(**{"vocab_size": 32128, **vocab}, **T5_SIZES), transformers.T5EncoderModel
     else:
-        config, model_class = transformers.CLIPTextConfig(**CLIP_L), transformers.CLIPTextModel
+        config, model_class = transformers.CLIPTextConfig(**{**CLIP_L, **vocab}), transformers.CLIPTextModel
     with init_empty_weights(include_buffers=False):  # transformers' own init is slow at these vocabularies
         model = model_class(config)
     generator = torch.Generator().manual_seed(seed)
@@ -112,7 +117,8 @@ def _linear_layers(model: torch.nn.Module) -> list[str]:
             and not name.startswith("lm_head")]
 
 
-def _spiece_model() -> bytes:
+@functools.lru_cache(maxsize=1)  # training it takes seconds
+def spiece_model() -> bytes:
     """A small sentencepiece unigram model with T5's special ids (pad 0, eos 1, unk 2), as bytes."""
     import sentencepiece
 
@@ -153,7 +159,7 @@ def write_text_encoder(kind: str, path: str | Path, precision: str = "bf16", see
     if kind not in KINDS or precision not in PRECISIONS:
         raise ValueError(f"kind in {KINDS}, precision in {PRECISIONS}")
     path = Path(path)
-    model = _model(kind, seed)
+    model = transformers_model(kind, seed)
     state = {name: tensor for name, tensor in model.state_dict().items() if comfy_name(kind, name)}
     if kind == "clip-l":  # ComfyUI's CLIPTextModel has a square projection; Flux does not use it
         generator = torch.Generator().manual_seed(seed + 1)
@@ -188,7 +194,7 @@ def write_text_encoder(kind: str, path: str | Path, precision: str = "bf16", see
             tensors[key] = value.to(dtype)
             meant[name] = tensors[key].float()
     if kind == "umt5-xxl":
-        tensors["spiece_model"] = torch.frombuffer(bytearray(_spiece_model()), dtype=torch.uint8)
+        tensors["spiece_model"] = torch.frombuffer(bytearray(spiece_model()), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     if tokenizer:

@@ -39,7 +39,7 @@ class WeightsFile:
     path: Path
     format: str  # "safetensors" or "gguf"
     tensors: dict[str, TensorInfo] = field(repr=False)
-    metadata: dict = field(repr=False)
+    metadata: dict = field(repr=False)  # safetensors: its __metadata__; GGUF: its key-value fields (short ones)
     problem: str | None  # why the file cannot be loaded (truncated, unreadable), None when it looks sound
     reader: object = field(default=None, repr=False)  # GGUF: the open, memory-mapped reader
 
@@ -138,7 +138,7 @@ def _read(path: Path) -> WeightsFile:
         except gguf.Unreadable as exc:
             return WeightsFile(path, "gguf", {}, {}, str(exc))
         infos = {name: TensorInfo(*info) for name, info in gguf.tensor_infos(reader).items()}
-        return WeightsFile(path, "gguf", infos, {}, None, reader)
+        return WeightsFile(path, "gguf", infos, gguf.header_metadata(reader), None, reader)
     try:
         header, metadata, data_len = safetensors_header.read(path)
     except safetensors_header.HeaderProblem as exc:

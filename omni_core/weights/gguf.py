@@ -37,8 +37,25 @@ def open_reader(path: Path):
 
     try:
         return GGUFReader(str(path))
-    except Exception as exc:
-        raise Unreadable(f"{exc.__class__.__name__}: {exc}") from None
+    except Exception as exc:  # gguf-py's parse errors do not say that the data ends early, which is the usual cause
+        raise Unreadable(f"it is cut short or malformed ({exc.__class__.__name__}: {str(exc).rstrip('.')})") from None
+
+
+def header_metadata(reader, longest: int = 64) -> dict:
+    """The header's key-value fields (general.architecture, <arch>.block_count, ...) as Python values; arrays
+    longer than `longest` (a tokenizer's vocabulary) are left out: read those with `field`."""
+    out = {}
+    for name, entry in reader.fields.items():
+        if name.startswith("GGUF.") or (entry.types and entry.types[0].name == "ARRAY" and len(entry.data) > longest):
+            continue
+        out[name] = entry.contents()
+    return out
+
+
+def field(reader, name: str):
+    """One field's value (None when the file has no such field)."""
+    entry = reader.get_field(name)
+    return None if entry is None else entry.contents()
 
 
 def tensor_infos(reader) -> dict[str, tuple[str, tuple[int, ...], int]]:
@@ -64,10 +81,12 @@ def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(tensor, "quant_shape", tensor.shape))
 
 
-def install(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
-    """Loads `state` (diffusers keys) into the empty `model`: linear layers with quantized weights become
-    diffusers' GGUFLinear (dequantized per call in `dtype`); other quantized tensors, and those of modules the
-    model keeps in fp32, are dequantized now."""
+def install(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+            kept_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Loads `state` (the model's own keys) into the empty `model`: linear layers with quantized weights become
+    diffusers' GGUFLinear (dequantized per call in `dtype`); other quantized tensors are dequantized now, those
+    of the modules the model keeps in fp32 to `kept_dtype` (diffusers keeps them fp32; transformers only when
+    the model runs in fp16)."""
     from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear, dequantize_gguf_tensor
 
     # Modules the model keeps in fp32 (Wan's time embedder: its dtype decides the timestep's) stay plain.
@@ -77,7 +96,7 @@ def install(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch
                       if type(module).__name__ == "GGUFLinear"}
     loaded = {}
     for key, value in state.items():
-        target = torch.float32 if any(part in keep_fp32 for part in key.split(".")) else dtype
+        target = kept_dtype if any(part in keep_fp32 for part in key.split(".")) else dtype
         if isinstance(value, GGUFParameter) and key not in linear_weights:
             value = dequantize_gguf_tensor(value).to(target)
         elif not isinstance(value, GGUFParameter) and value.is_floating_point():

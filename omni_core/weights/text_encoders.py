@@ -8,6 +8,12 @@ one declared kind per type says how to recognise it from the header, which trans
 that class's config follows from the tensors' shapes (and, where the weights cannot tell, from the released
 model's convention), how the file's keys become the class's own, and where its tokenizer is. fp8 files stay fp8
 in memory: their linear layers become FP8Linear holding the file's own weights and scales.
+
+GGUF text encoders (llama.cpp's T5, UMT5, Qwen2.5-VL and Qwen3 conversions, see gguf_text_encoders) are read
+through the same kinds, their tensors renamed into ComfyUI's layout. Their quantized linear weights stay
+quantized (diffusers' GGUFLinear, dequantized per call in the compute dtype); quantized tensors of other modules
+(the token embeddings, T5's relative attention bias, T5's `wo`, which transformers keeps out of low precision)
+are dequantized once at load; F16/F32 tensors are held in the compute dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import InvalidInput, ModelLoadError
+from . import gguf, gguf_text_encoders
 from .file import FLOAT_DTYPES, WeightsFile
 from .precision import dequantize_rest, install_fp8_linears, stored_state
 
@@ -83,9 +90,16 @@ def _unprefixed(names: Iterable[str], prefix: str) -> Iterable[tuple[str, str]]:
             yield name, name[len(prefix):]
 
 
+def _short_names(weights: WeightsFile) -> dict[str, str]:
+    """File tensor name -> its name in ComfyUI's layout without any prefix, for every weight (tokenizer data and,
+    in GGUF files, tensors no text encoder uses left out)."""
+    if weights.format == "gguf":
+        return gguf_text_encoders.comfy_names(weights)
+    return dict(_unprefixed(weights.tensors, _file_prefix(weights.tensors)))
+
+
 def _shapes(weights: WeightsFile) -> Shapes:
-    prefix = _file_prefix(weights.tensors)
-    return {short: weights.tensors[name].shape for name, short in _unprefixed(weights.tensors, prefix)}
+    return {short: weights.tensors[name].shape for name, short in _short_names(weights).items()}
 
 
 def _count(shapes: Shapes, stem: str) -> int:
@@ -117,10 +131,6 @@ def _qwen25_vl_config(s: Shapes, ids: dict[str, int]):
     heads = _per(s["model.layers.0.self_attn.q_proj.weight"][0], QWEN25_HEAD_DIM, "the q_proj width")
     if heads * QWEN25_HEAD_DIM != hidden:
         raise _Unfit(f"its attention is {heads} heads x {QWEN25_HEAD_DIM} wide but its hidden size is {hidden}")
-    vision_hidden = s["visual.blocks.0.norm1.weight"][0]
-    _, channels, temporal, patch, _ = s["visual.patch_embed.proj.weight"]
-    merge = math.isqrt(_per(s["visual.merger.mlp.0.weight"][1], vision_hidden, "the vision merger's input"))
-    depth = _count(s, "visual.blocks.")
     text = dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_count(s, "model.layers."),
         intermediate_size=s["model.layers.0.mlp.gate_proj.weight"][0], num_attention_heads=heads,
@@ -129,14 +139,30 @@ def _qwen25_vl_config(s: Shapes, ids: dict[str, int]):
         # M-RoPE: the 64 rotary frequency pairs of a 128-wide head split into time, height, width
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
     )
-    vision = dict(
+    vision = _qwen25_vision_config(s) if "visual.blocks.0.norm1.weight" in s else dict(QWEN25_VISION_RELEASED,
+                                                                                       out_hidden_size=hidden)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+# The released vision tower, for a file without one (GGUF): the class is built with it, then it is replaced by
+# AbsentVisionTower, so nothing of it is loaded.
+QWEN25_VISION_RELEASED = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                              patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                              hidden_act="silu", tokens_per_second=2, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def _qwen25_vision_config(s: Shapes) -> dict:
+    vision_hidden = s["visual.blocks.0.norm1.weight"][0]
+    _, channels, temporal, patch, _ = s["visual.patch_embed.proj.weight"]
+    merge = math.isqrt(_per(s["visual.merger.mlp.0.weight"][1], vision_hidden, "the vision merger's input"))
+    depth = _count(s, "visual.blocks.")
+    return dict(
         depth=depth, hidden_size=vision_hidden, intermediate_size=s["visual.blocks.0.mlp.gate_proj.weight"][0],
         num_heads=_per(vision_hidden, QWEN25_VISION_HEAD_DIM, "the vision tower's width"), in_channels=channels,
         patch_size=patch, temporal_patch_size=temporal, spatial_merge_size=merge, window_size=112,
         out_hidden_size=s["visual.merger.mlp.2.weight"][0], hidden_act="silu", tokens_per_second=2,
         fullatt_block_indexes=[i for i in range(depth) if i % QWEN25_VISION_FULL_ATTENTION_EVERY == 7],
     )
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
 def _qwen3_config(s: Shapes, ids: dict[str, int]):
@@ -204,7 +230,7 @@ class TextEncoderKind:
     tokenizer_in_file: str | None = None  # the tensor holding its sentencepiece model
     model_max_length: int | None = None  # for tokenizers that do not say, or say wrong (CLIP: its positions)
     chat_template: str | None = None
-    vision: bool = False
+    vision_tower: str | None = None  # the file key prefix of its vision tower (Qwen-Image-Edit shows it the image)
     called_as_pipelines_do: Callable[[torch.nn.Module], None] | None = None  # fits the loaded module to their calls
 
     # --- facts about one file ---------------------------------------------------------------------------
@@ -217,11 +243,19 @@ class TextEncoderKind:
             known = isinstance(found, int) and tokenizer.convert_ids_to_tokens(found) == token
             ids[field] = found if known else released
         try:
-            return self.derive(_shapes(weights), ids)
+            config = self.derive(_shapes(weights), ids)
         except _Unfit as exc:
             raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title}, but {exc}.") from None
         except KeyError as exc:
             raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title}, but it has no {exc}.") from None
+        if weights.format == "gguf":
+            conflict = gguf_text_encoders.metadata_conflict(weights, _structure(config))
+            if conflict:
+                raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title}, but {conflict}.")
+        return config
+
+    def has_vision_tower(self, weights: WeightsFile) -> bool:
+        return self.vision_tower is not None and any(s.startswith(self.vision_tower) for s in _short_names(weights).values())
 
     def load(self, weights: WeightsFile, dtype: torch.dtype, fp8_matmul: bool = False, tokenizer=None,
              input_name: str = INPUT) -> torch.nn.Module:
@@ -232,18 +266,23 @@ class TextEncoderKind:
         config = self.config(weights, tokenizer, input_name)
         config.dtype = dtype
         model = _empty_model(self.model_class, config)
-        state = self._class_state(weights.read_state(), _file_prefix(weights.tensors))
-        state = _stored(weights, state, model, dtype)
-        install_fp8_linears(model, state, fp8_matmul)
-        dequantize_rest(state, dtype)
-        try:
-            unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
-        except RuntimeError as exc:  # a size mismatch: the file's layers differ in size
-            raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title} but its tensors do not fit one "
-                                 f"{self.model_class}: {str(exc).splitlines()[-1].strip()}") from None
+        state = self._class_state(weights.read_state(), _short_names(weights))
+        if weights.format == "gguf":
+            unexpected = self._install_gguf(model, state, dtype, weights, input_name)
+        else:
+            state = _stored(weights, state, model, dtype)
+            install_fp8_linears(model, state, fp8_matmul)
+            dequantize_rest(state, dtype)
+            try:
+                unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+            except RuntimeError as exc:  # a size mismatch: the file's layers differ in size
+                raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title} but its tensors do not fit "
+                                     f"one {self.model_class}: {str(exc).splitlines()[-1].strip()}") from None
         for target, source in self.ties:
             parent, _, leaf = target.rpartition(".")
             setattr(model.get_submodule(parent), leaf, model.get_parameter(source))
+        if self.vision_tower and not self.has_vision_tower(weights):
+            _without_vision_tower(model, weights, input_name)
         missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
         if unexpected or missing:
             problem = (f"has {len(unexpected)} tensors {self.model_class} has no place for ({', '.join(unexpected[:3])})"
@@ -253,10 +292,27 @@ class TextEncoderKind:
             self.called_as_pipelines_do(model)
         return model.eval().requires_grad_(False)
 
-    def _class_state(self, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    def _install_gguf(self, model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                      weights: WeightsFile, input_name: str) -> list[str]:
+        """Puts a GGUF file's tensors in place (gguf.install) once their logical shapes are checked against the
+        class's; returns the names the class has no place for (nothing is installed then)."""
+        expected = model.state_dict()
+        unexpected = [key for key in state if key not in expected]
+        if unexpected:
+            return unexpected
+        for key, tensor in state.items():
+            if gguf.logical_shape(tensor) != tuple(expected[key].shape):
+                raise ModelLoadError(f"{input_name}: {weights.name} reads as {self.title} but its tensors do not fit "
+                                     f"one {self.model_class}: '{key}' is {gguf.logical_shape(tensor)} in the file, "
+                                     f"the model's is {tuple(expected[key].shape)}.")
+        _, kept_dtype = _kept_out_of_fp8(model, dtype)
+        gguf.install(model, state, dtype, kept_dtype)
+        return []
+
+    def _class_state(self, state: dict[str, torch.Tensor], short_names: dict[str, str]) -> dict[str, torch.Tensor]:
         """The file's tensors under the class's names (scale tensors follow their layer's renames)."""
         out = {}
-        for name, short in _unprefixed(list(state), prefix):
+        for name, short in short_names.items():
             if any(short == d or short.startswith(d + ".") for d in self.dropped):
                 continue
             for old, new in self.renames:
@@ -269,21 +325,25 @@ class TextEncoderKind:
     # --- tokenizers --------------------------------------------------------------------------------------
     def tokenizer(self, weights: WeightsFile, search_dirs: Iterable[str | Path] = ()):
         """The tokenizer, from the first of: a folder `<file stem>.tokenizer/` beside the file; the sentencepiece
-        model inside the file (UMT5: ComfyUI builds Wan's tokenizer from it); ComfyUI's bundled folder for this
-        kind among `search_dirs` (see bundled_tokenizer_dirs)."""
+        model inside the file (UMT5: ComfyUI builds Wan's tokenizer from it; a GGUF file's tokenizer.ggml.*
+        vocabulary, as ComfyUI-GGUF does); ComfyUI's bundled folder for this kind among `search_dirs` (see
+        bundled_tokenizer_dirs). The other kinds' GGUF files also carry a vocabulary, which is not read:
+        ComfyUI and ComfyUI-GGUF encode with the bundled tokenizers, so the same ones give the same tokens."""
         from transformers import AutoTokenizer
 
         beside = weights.path.with_name(weights.path.stem + ".tokenizer")
         bundled = [Path(d) for d in search_dirs if self.tokenizer_folder and Path(d).name == Path(self.tokenizer_folder).name]
         if beside.is_dir():
             tokenizer, source = _from_folder(AutoTokenizer, beside, weights), "beside"
-        elif self.tokenizer_in_file and self.tokenizer_in_file in _tokenizer_data(weights):
+        elif self.tokenizer_in_file and _has_sentencepiece_model(weights, self.tokenizer_in_file):
             tokenizer, source = self._from_sentencepiece(weights), "file"
         elif any(d.is_dir() for d in bundled):
             tokenizer, source = _from_folder(AutoTokenizer, next(d for d in bundled if d.is_dir()), weights), "comfyui"
         else:
             places = [f"a folder {beside.name}/ beside it"]
-            if self.tokenizer_in_file:
+            if self.tokenizer_in_file and weights.format == "gguf":
+                places.append("a sentencepiece vocabulary in its tokenizer.ggml metadata")
+            elif self.tokenizer_in_file:
                 places.append(f"a '{self.tokenizer_in_file}' tensor inside it (ComfyUI's own {self.name} files have one)")
             if self.tokenizer_folder:
                 places.append(f"ComfyUI's bundled {Path(self.tokenizer_folder).name} folder (searched: "
@@ -297,23 +357,30 @@ class TextEncoderKind:
         return tokenizer
 
     def _from_sentencepiece(self, weights: WeightsFile):
-        from safetensors import safe_open
         from transformers import T5Tokenizer
 
-        with safe_open(str(weights.path), "pt") as f:
-            proto = f.get_tensor(_tokenizer_data(weights)[self.tokenizer_in_file]).numpy().tobytes()
+        if weights.format == "gguf":
+            proto = gguf_text_encoders.sentencepiece_model(weights)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(weights.path), "pt") as f:
+                proto = f.get_tensor(_tokenizer_data(weights)[self.tokenizer_in_file]).numpy().tobytes()
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "spiece.model").write_bytes(proto)
             try:  # no extra sentinel tokens: ComfyUI's SPieceTokenizer has none
                 return T5Tokenizer.from_pretrained(folder, extra_ids=0, local_files_only=True)
             except Exception as exc:  # noqa: BLE001 - any parse failure means the same to the user
-                raise ModelLoadError(f"{weights.name}: its '{self.tokenizer_in_file}' tensor is not a readable "
-                                     f"sentencepiece model ({exc.__class__.__name__}).") from None
+                where = "tokenizer.ggml vocabulary" if weights.format == "gguf" else f"'{self.tokenizer_in_file}' tensor"
+                raise ModelLoadError(f"{weights.name}: its {where} is not a readable sentencepiece model "
+                                     f"({exc.__class__.__name__}).") from None
 
     def processor(self, weights: WeightsFile, search_dirs: Iterable[str | Path] = (), tokenizer=None):
         """Qwen-Image-Edit's `processor`: an image processor fitting the file's vision tower, with the tokenizer."""
-        if not self.vision:
+        if not self.vision_tower:
             raise ModelLoadError(f"{weights.name}: {self.title} takes no images, so it has no processor.")
+        if not self.has_vision_tower(weights):
+            raise _vision_refusal(weights, INPUT)
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer(weights, search_dirs)
@@ -353,6 +420,45 @@ def _from_folder(auto_class, folder: Path, weights: WeightsFile):
                              f"({exc.__class__.__name__}: {str(exc)[:200]}).") from None
 
 
+def _has_sentencepiece_model(weights: WeightsFile, tensor: str) -> bool:
+    if weights.format == "gguf":
+        return gguf_text_encoders.has_sentencepiece_vocabulary(weights)
+    return tensor in _tokenizer_data(weights)
+
+
+def _structure(config) -> dict[str, int]:
+    """The sizes llama.cpp also writes into a GGUF's metadata (T5's config answers to the same names)."""
+    text = getattr(config, "text_config", config)
+    return {"layers": text.num_hidden_layers, "width": text.hidden_size, "heads": text.num_attention_heads,
+            "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads}
+
+
+def _vision_refusal(weights: WeightsFile, input_name: str) -> InvalidInput:
+    return InvalidInput(input_name, f"{weights.name} holds Qwen2.5-VL's language model without its vision tower "
+                        "(llama.cpp writes that into a separate mmproj file, which Omni Accel does not read): it encodes "
+                        "prompts (Qwen-Image) but cannot see input images (Qwen-Image-Edit).",
+                        "for image inputs, a Qwen2.5-VL 7B safetensors file (qwen_2.5_vl_7b*.safetensors)")
+
+
+class AbsentVisionTower(torch.nn.Module):
+    """Holds the place of a vision tower the file does not have (no parameters)."""
+
+
+def _refuse_images(weights: WeightsFile, input_name: str):
+    def check(module: torch.nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            raise _vision_refusal(weights, input_name)
+
+    return check
+
+
+def _without_vision_tower(model: torch.nn.Module, weights: WeightsFile, input_name: str) -> None:
+    """A Qwen2.5-VL without its vision tower: the tower's empty (meta) parameters are dropped and a call with
+    images is refused, naming the file."""
+    model.model.visual = AbsentVisionTower()
+    model.register_forward_pre_hook(_refuse_images(weights, input_name), with_kwargs=True)
+
+
 def _tokenizer_data(weights: WeightsFile) -> dict[str, str]:
     """Tokenizer data tensors of the file: short name -> name in the file."""
     return {name.rpartition(".")[2]: name for name in weights.tensors if _is_tokenizer_data(name)}
@@ -371,7 +477,8 @@ KINDS: dict[str, TextEncoderKind] = {kind.name: kind for kind in (
         special_tokens=(("image_token_id", "<|image_pad|>", 151655), ("video_token_id", "<|video_pad|>", 151656),
                         ("vision_start_token_id", "<|vision_start|>", 151652),
                         ("vision_end_token_id", "<|vision_end|>", 151653)),
-        tokenizer_folder="text_encoders/qwen25_tokenizer", vision=True, called_as_pipelines_do=derive_mm_token_types,
+        tokenizer_folder="text_encoders/qwen25_tokenizer", vision_tower="visual.",
+        called_as_pipelines_do=derive_mm_token_types,
     ),
     TextEncoderKind(
         name="qwen3", title="Qwen3 4B (Z-Image)", files="qwen_3_4b*.safetensors",
@@ -442,11 +549,12 @@ def _readable_kinds() -> str:
 
 def check_readable(weights: WeightsFile, input_name: str = INPUT) -> None:
     """Refuses, from the header (and the few bytes of any per-layer quantization declaration), a file that is
-    truncated, GGUF, or stored in a type or quantization format that cannot be read."""
+    truncated, of a GGUF architecture no kind is, or stored in a type or quantization format that cannot be read
+    (GGUF: the quantization types diffusers cannot dequantize, named by WeightsFile.check)."""
     weights.check(input_name)
-    if weights.format != "safetensors":
-        raise ModelLoadError(f"{input_name}: {weights.name} is a {weights.format.upper()} file; text encoders are read "
-                             "from safetensors files (bf16, fp16, fp32, fp8, fp8_scaled or mixed).")
+    if weights.format == "gguf":
+        gguf_text_encoders.kinds_of(weights, input_name, _readable_kinds())
+        return
     for name, info in weights.tensors.items():
         if info.dtype not in FLOAT_DTYPES and not _is_tokenizer_data(name) and not name.endswith(_QUANT_DECLARATION):
             raise ModelLoadError(f"{input_name}: {weights.name}: tensor '{name}' is stored as {info.dtype}, a "
@@ -467,6 +575,8 @@ def text_encoder_kind(weights: WeightsFile, input_name: str = INPUT) -> TextEnco
     """The kind of text encoder the file holds, from its header; ModelLoadError naming the file otherwise."""
     check_readable(weights, input_name)
     shapes = _shapes(weights)
+    if weights.format == "gguf":
+        return _gguf_kind(weights, shapes, input_name)
     for kind in KINDS.values():
         if _matches(shapes, kind.markers, kind.absent):
             return kind
@@ -478,6 +588,19 @@ def text_encoder_kind(weights: WeightsFile, input_name: str = INPUT) -> TextEnco
         what = f"it holds {what}"
     raise ModelLoadError(f"{input_name}: {weights.name} is not a text encoder Omni Accel can load: {what}. "
                          f"Readable text encoders: {_readable_kinds()}.")
+
+
+def _gguf_kind(weights: WeightsFile, shapes: Shapes, input_name: str) -> TextEncoderKind:
+    """The kind among those the file's architecture can be whose markers it has (a vision tower's aside: GGUF
+    files come without it)."""
+    candidates = [KINDS[name] for name in gguf_text_encoders.kinds_of(weights, input_name, _readable_kinds())]
+    for kind in candidates:
+        markers = tuple(m for m in kind.markers if not (kind.vision_tower and m.startswith(kind.vision_tower)))
+        if _matches(shapes, markers, kind.absent):
+            return kind
+    raise ModelLoadError(f"{input_name}: {weights.name} says it is a '{gguf_text_encoders.architecture(weights)}' "
+                         f"model, but its tensors ({', '.join(sorted(weights.tensors)[:3]) or 'none'}, ...) are not "
+                         f"those of {' or '.join(kind.title for kind in candidates)}.")
 
 
 def hidden_size(weights: WeightsFile) -> int:
