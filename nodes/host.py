@@ -149,33 +149,45 @@ def diffusers_folder_path(name: str) -> str | None:
     return None
 
 
-# GGUF files live beside the safetensors ones (models/diffusion_models, models/unet); ComfyUI's own list
-# filters them out by extension, so they get a list of their own over the same folders.
-GGUF_FOLDER = "omni_accel_gguf"
-if GGUF_FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[GGUF_FOLDER] = (folder_paths.get_folder_paths("diffusion_models"), {".gguf"})
+# GGUF files live beside the safetensors ones (models/diffusion_models and models/unet; models/text_encoders and
+# models/clip); ComfyUI's own lists filter them out by extension, so they get lists of their own over the same folders.
+GGUF_FOLDERS = {"diffusion_models": "omni_accel_gguf", "text_encoders": "omni_accel_gguf_text_encoders"}
+for _listed, _gguf in GGUF_FOLDERS.items():
+    if _gguf not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[_gguf] = (folder_paths.get_folder_paths(_listed), {".gguf"})
 
 
-def transformer_files() -> list[str]:
-    safetensors = [name for name in folder_paths.get_filename_list("diffusion_models") if name.endswith(".safetensors")]
-    return sorted(set(safetensors) | set(folder_paths.get_filename_list(GGUF_FOLDER)))
+def _files(folder: str) -> list[str]:
+    """A models folder's .safetensors and .gguf files."""
+    safetensors = [name for name in folder_paths.get_filename_list(folder) if name.endswith(".safetensors")]
+    gguf = folder_paths.get_filename_list(GGUF_FOLDERS[folder]) if folder in GGUF_FOLDERS else []
+    return sorted(set(safetensors) | set(gguf))
 
 
-def transformer_file_path(name: str) -> str | None:
-    folder = GGUF_FOLDER if name.lower().endswith(".gguf") else "diffusion_models"
+def _file_path(folder: str, name: str) -> str | None:
+    if name.lower().endswith(".gguf") and folder in GGUF_FOLDERS:
+        folder = GGUF_FOLDERS[folder]
     return folder_paths.get_full_path(folder, name)
 
 
-# Other single files: models/text_encoders (and models/clip) and models/vae, safetensors only.
+def transformer_files() -> list[str]:
+    return _files("diffusion_models")
+
+
+def transformer_file_path(name: str) -> str | None:
+    return _file_path("diffusion_models", name)
+
+
+# Other single files: models/text_encoders (and models/clip; .safetensors or .gguf) and models/vae (.safetensors).
 PART_FOLDERS = {"text_encoder": "text_encoders", "vae": "vae"}
 
 
 def part_files(kind: str) -> list[str]:
-    return sorted(name for name in folder_paths.get_filename_list(PART_FOLDERS[kind]) if name.endswith(".safetensors"))
+    return _files(PART_FOLDERS[kind])
 
 
 def part_file_path(kind: str, name: str) -> str | None:
-    return folder_paths.get_full_path(PART_FOLDERS[kind], name)
+    return _file_path(PART_FOLDERS[kind], name)
 
 
 def tokenizer_dirs() -> tuple[str, ...]:

@@ -98,7 +98,8 @@ class OmniLoader(OmniNode):
                                optional=True,
                                tooltip="Single-file models: the text encoder from models/text_encoders (or models/clip), "
                                        "e.g. qwen_2.5_vl_7b_fp8_scaled (Qwen-Image), qwen_3_4b (Z-Image), "
-                                       "umt5_xxl_fp8_e4m3fn_scaled (Wan), clip_l (Flux). none: the Sampler takes "
+                                       "umt5_xxl_fp8_e4m3fn_scaled (Wan), clip_l (Flux); .safetensors or a llama.cpp .gguf "
+                                       "(kept quantized). none: the Sampler takes "
                                        "ComfyUI's CONDITIONING (from CLIPTextEncode and the like) instead of text."),
                 io.Combo.Input("text_encoder_2_file", options=["none", *part_files("text_encoder")], default="none",
                                optional=True, tooltip="Flux: the second text encoder, t5xxl (fp16 or fp8)."),

@@ -85,7 +85,7 @@ def random_blocks(kind: GGMLQuantizationType, rows: int, blocks_per_row: int, se
         "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
         "Q2_K": [type_size - 4, type_size - 2], "Q3_K": [type_size - 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
         "Q6_K": [type_size - 2],
-    }[kind.name]
+    }.get(kind.name, [])  # other types: random bytes (files the tests expect refused before any decoding)
     for offset in fp16_fields:
         data[:, offset:offset + 2] = (rng.uniform(0.001, 0.01, size=len(data)).astype(np.float16)).view(np.uint8).reshape(-1, 2)
     return data.reshape(rows, blocks_per_row * type_size)
@@ -171,7 +171,7 @@ def write_text_encoder_gguf(kind: str, path: Path, quant: str = "Q8_0", seed: in
 
     Returns the float32 transformers model holding what the file means (quantized weights through gguf-py's
     reference dequantizer) and the number of tensors per type."""
-    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     from tools import comfy_files
 

@@ -140,6 +140,29 @@ def test_an_edit_through_comfyuis_reference_latent(comfy):
     assert _images(comfy, comfy.run(prompt), "4").shape == (1, 48, 80, 3)
 
 
+def test_a_gguf_text_encoder_on_the_loader(comfy):
+    """A GGUF text encoder in models/text_encoders is listed and loads (files-z-image's own encoder in Q8_0)."""
+    import shutil
+
+    from tools.gguf_files import write_text_encoder_gguf
+
+    folder = comfy.base / "models" / "text_encoders"
+    path = folder / "files-z-image-qwen3-Q8_0.gguf"
+    try:
+        write_text_encoder_gguf("qwen3", path, "Q8_0", seed=TEXT_ENCODERS["files-z-image"][0][1], vocab_size=None)
+        shutil.copytree(folder / "files-z-image-qwen3.tokenizer", folder / "files-z-image-qwen3-Q8_0.tokenizer")
+        options = comfy.get_json("/object_info/OmniLoader")["OmniLoader"]["input"]["optional"]["text_encoder_file"]
+        assert path.name in options[1]["options"]
+        prompt = files_prompt("files-z-image")
+        bf16 = _images(comfy, comfy.run(prompt), "4")
+        prompt["1"]["inputs"]["text_encoder_file"] = path.name
+        gguf = _images(comfy, comfy.run(prompt), "4")
+        assert psnr(gguf, bf16) >= 35.0
+    finally:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(folder / "files-z-image-qwen3-Q8_0.tokenizer", ignore_errors=True)
+
+
 def test_a_pipe_without_text_encoder_or_vae_names_what_is_missing(comfy):
     with pytest.raises(ExecutionFailed) as info:
         comfy.run(files_prompt("files-qwen-image", text_encoders=False))
