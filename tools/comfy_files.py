@@ -62,12 +62,15 @@ _SENTENCES = (
 )
 
 
-def transformers_model(kind: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
+def transformers_model(kind: str, seed: int = 0, vocab_size: int | None = None, **sizes) -> torch.nn.Module:
     """The small float32 transformers model the files of `kind` are written from (seeded random weights); the
-    released vocabulary size unless `vocab_size` is given."""
+    released vocabulary size unless `vocab_size` is given. T5 kinds take other `sizes` (d_model, ...)."""
     import transformers
     from accelerate import init_empty_weights
 
+    if sizes and kind not in ("umt5-xxl", "t5-xxl"):
+        raise ValueError(f"sizes are for the T5 kinds, not {kind}")
+    t5_sizes = {**T5_SIZES, **sizes}
     vocab = {"vocab_size": vocab_size} if vocab_size else {}
     if kind == "qwen2.5-vl":
         # the reference ties lm_head (unused here) to save its memory
@@ -77,10 +80,10 @@ def transformers_model(kind: str, seed: int = 0, vocab_size: int | None = None) 
     elif kind == "qwen3":
         config, model_class = transformers.Qwen3Config(**{**QWEN3, **vocab}), transformers.Qwen3Model
     elif kind == "umt5-xxl":
-        config = transformers.UMT5Config(**{"vocab_size": 256384, **vocab}, **T5_SIZES)
+        config = transformers.UMT5Config(**{"vocab_size": 256384, **vocab}, **t5_sizes)
         model_class = transformers.UMT5EncoderModel
     elif kind == "t5-xxl":
-        config, model_class = transformers.T5Config(**{"vocab_size": 32128, **vocab}, **T5_SIZES), transformers.T5EncoderModel
+        config, model_class = transformers.T5Config(**{"vocab_size": 32128, **vocab}, **t5_sizes), transformers.T5EncoderModel
     else:
         config, model_class = transformers.CLIPTextConfig(**{**CLIP_L, **vocab}), transformers.CLIPTextModel
     with init_empty_weights(include_buffers=False):  # transformers' own init is slow at these vocabularies
@@ -153,13 +156,13 @@ def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_text_encoder(kind: str, path: str | Path, precision: str = "bf16", seed: int = 0,
-                       tokenizer: bool = False) -> torch.nn.Module:
+                       tokenizer: bool = False, sizes: dict | None = None) -> torch.nn.Module:
     """Writes the file (and, with `tokenizer`, a small tokenizer in `<stem>.tokenizer/` beside it); returns the
-    float32 transformers model holding the values the file means."""
+    float32 transformers model holding the values the file means. `sizes`: transformers_model's."""
     if kind not in KINDS or precision not in PRECISIONS:
         raise ValueError(f"kind in {KINDS}, precision in {PRECISIONS}")
     path = Path(path)
-    model = transformers_model(kind, seed)
+    model = transformers_model(kind, seed, **(sizes or {}))
     state = {name: tensor for name, tensor in model.state_dict().items() if comfy_name(kind, name)}
     if kind == "clip-l":  # ComfyUI's CLIPTextModel has a square projection; Flux does not use it
         generator = torch.Generator().manual_seed(seed + 1)

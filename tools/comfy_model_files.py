@@ -267,7 +267,7 @@ def write_test_files(folder: Path, out: Path) -> list[Path]:
     diffusion_models/NAME.safetensors (bf16) and NAME-fp8_scaled.safetensors (Wan 2.2: NAME-low... for the
     low-noise expert), vae/NAME-vae.safetensors, text_encoders/NAME-KIND.safetensors with a tokenizer beside."""
     from tools.comfy_files import write_text_encoder
-    from tools.tiny_models.files import TEXT_ENCODERS
+    from tools.tiny_models.files import TEXT_ENCODER_SIZES, TEXT_ENCODERS
 
     name = Path(folder).name
     two = (Path(folder) / "transformer_2").is_dir()
@@ -282,7 +282,7 @@ def write_test_files(folder: Path, out: Path) -> list[Path]:
     written.append(vae)
     for kind, seed in TEXT_ENCODERS[name]:
         path = out / "text_encoders" / f"{name}-{kind}.safetensors"
-        write_text_encoder(kind, path, "bf16", seed, tokenizer=True)
+        write_text_encoder(kind, path, "bf16", seed, tokenizer=True, sizes=TEXT_ENCODER_SIZES.get(kind))
         written.append(path)
     return written
 

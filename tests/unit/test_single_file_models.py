@@ -67,7 +67,7 @@ def _settings(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-@pytest.mark.parametrize("name", ["files-qwen-image", "files-z-image", "files-flux"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_text_runs_from_files_equal_the_folders(comfy_files, model_dirs, store, name):
     request = GenerationRequest(prompt=PROMPT, cfg=1.0, **FAMILIES[name][1])
     single = generate(OmniPipe(spec_of(comfy_files, name)), request, store)

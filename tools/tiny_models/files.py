@@ -17,10 +17,6 @@ from diffusers import (
     WanTransformer3DModel, ZImagePipeline, ZImageTransformer2DModel,
 )
 
-from transformers import UMT5Config, UMT5EncoderModel
-
-from .wan import build as build_wan
-
 
 def bf16_exact(pipeline):
     """Every weight rounded to bf16 (kept in fp32): ComfyUI ships bf16 files, and a test comparing this folder with
@@ -58,7 +54,11 @@ def _small_ae() -> AutoencoderKL:
 # Each folder's text encoders are the test text-encoder files' own (tools/comfy_files.py, same seeds): the
 # single-file runs load those files, the folder holds the same weights.
 TEXT_ENCODERS = {"files-qwen-image": (("qwen2.5-vl", 11),), "files-z-image": (("qwen3", 12),),
-                 "files-flux": (("clip-l", 13), ("t5-xxl", 14)), "files-wan21": (), "files-wan22": ()}
+                 "files-flux": (("clip-l", 13), ("t5-xxl", 14)), "files-wan21": (("umt5-xxl", 15),),
+                 "files-wan22": (("umt5-xxl", 15),)}
+# The Wan DiT reads text 4096 wide (UMT5-XXL's width, fixed in ComfyUI's Wan model): its small UMT5 is that wide,
+# with a small vocabulary (the tokenizer's) instead of the released 256k.
+TEXT_ENCODER_SIZES = {"umt5-xxl": {"d_model": 4096, "vocab_size": 512}}
 
 
 def text_encoder(kind: str, seed: int):
@@ -66,7 +66,8 @@ def text_encoder(kind: str, seed: int):
     from tools.comfy_files import tiny_tokenizer, write_text_encoder
 
     with tempfile.TemporaryDirectory() as folder:
-        model = write_text_encoder(kind, Path(folder) / "text_encoder.safetensors", "bf16", seed)
+        model = write_text_encoder(kind, Path(folder) / "text_encoder.safetensors", "bf16", seed,
+                                   sizes=TEXT_ENCODER_SIZES.get(kind))
     return model, tiny_tokenizer(kind)
 
 
@@ -133,11 +134,8 @@ def _wan_transformer() -> WanTransformer3DModel:
 
 
 def wan(seed: int = 0, experts: int = 1) -> WanPipeline:
-    base = build_wan(seed)
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(  # as wide as ComfyUI's Wan text input (UMT5-XXL's 4096)
-        d_model=4096, d_kv=16, d_ff=32, num_layers=2, num_heads=2, vocab_size=len(base.tokenizer),
-        relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    [(kind, te_seed)] = TEXT_ENCODERS["files-wan22" if experts == 2 else "files-wan21"]
+    encoder, tokenizer = text_encoder(kind, te_seed)
     torch.manual_seed(seed + 1)
     transformer = _wan_transformer()
     transformer_2 = None
@@ -147,6 +145,6 @@ def wan(seed: int = 0, experts: int = 1) -> WanPipeline:
     torch.manual_seed(seed + 2)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=12.0 if experts == 2 else 3.0)
-    return bf16_exact(WanPipeline(tokenizer=base.tokenizer, text_encoder=text_encoder, vae=_wan_vae(AutoencoderKLWan),
+    return bf16_exact(WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=_wan_vae(AutoencoderKLWan),
                                   scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
                                   boundary_ratio=0.875 if experts == 2 else None))
