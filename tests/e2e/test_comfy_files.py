@@ -107,6 +107,24 @@ def test_comfyui_text_encode_and_vae_decode_around_the_sampler(comfy, folder_pic
     assert psnr(ours, folder_pictures[name]) >= 35.0
 
 
+@pytest.mark.parametrize("name", ["files-wan21", "files-wan22"])
+def test_wan_single_files_and_comfyuis_vae_decode(comfy, name):
+    """Wan from single files (UMT5 text encoder file; Wan 2.2 with its low-noise expert file): ComfyUI's VAE
+    Decode of the Sampler's video LATENT gives VAE Tiled Decode's frames."""
+    prompt = files_prompt(name, num_frames=5, width=32, height=32)
+    if name == "files-wan22":
+        prompt["1"]["inputs"]["transformer_2_file"] = f"{name}-low.safetensors"
+    prompt |= {
+        "12": {"class_type": "VAELoader", "inputs": {"vae_name": f"{name}-vae.safetensors"}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["12", 0]}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "comfy-decode"}},
+    }
+    entry = comfy.run(prompt)
+    ours, comfy_decode = _images(comfy, entry, "4"), _images(comfy, entry, "14")
+    assert ours.shape == comfy_decode.shape == (5, 32, 32, 3)
+    assert np.abs(ours.astype(int) - comfy_decode.astype(int)).max() <= 1
+
+
 def test_an_edit_through_comfyuis_reference_latent(comfy):
     """Qwen-Image edits as ComfyUI wires them: the image through ComfyUI's VAE Encode into ReferenceLatent on each
     CONDITIONING, then the Sampler of a single-file pipe (0 x 0: the reference's size). Equality with diffusers'
