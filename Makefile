@@ -4,7 +4,7 @@ PORT ?= 8188
 MODELS_DIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test mutants serve bench clean
+.PHONY: setup demo test test-slow mutants serve bench clean
 
 setup:
 	@bash tools/bootstrap.sh
@@ -12,8 +12,13 @@ setup:
 demo: setup
 	@$(PY) tools/demo.py
 
+# The suite without the slow checks (marker `slow`: benchmarks, reference-model gates, multi-rank and process-safety
+# runs); CI (.ci/run) runs both targets.
 test: setup
-	@$(PY) -m pytest tests $(PYTEST_ARGS)
+	@$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	@$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
 # Plants each bug of tests/mutants.toml in a copy of the repository and runs the tests that must catch it.
 mutants: setup

@@ -14,7 +14,8 @@ ComfyUI's CONDITIONING (what CLIPTextEncode gives: ComfyUI's Qwen-Image encode u
 the same prefix). Each cache is applied by its node's own execute(): ours (OmniTeaCache, OmniCacheDiT with a
 MODEL), ComfyUI's EasyCacheNode and LazyCacheNode (comfy_extras/nodes_easycache.py, with their default window).
 The sample + VAE decode is timed; rows interleave per round in a shuffled order; quality is PSNR/SSIM against the
-uncached native images; prompt accuracy is read back as in the existing benchmark.
+uncached native images; prompt accuracy is read back as in the existing benchmark. The diffusion model gets a copy
+of the sampler's latent, as on a GPU (see inputs_as_on_a_gpu).
 
 Writes bench/results/native/ (or --out): README.md (the head-to-head table and every row), results.json (raw
 times per repetition, per-prompt scores, versions), fronts.png, grid.png.
@@ -45,6 +46,18 @@ def comfy_process() -> None:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["omni_pack"] = pack
     spec.loader.exec_module(pack)
+
+
+def inputs_as_on_a_gpu() -> None:
+    """ComfyUI hands a flow model (CONST sampling) the sampler's own latent tensor when the model's dtype is the
+    latent's (fp32, as on this CPU); on a GPU the cast to the model's bf16 makes a copy. EasyCache adds its cached
+    difference to that input in place (apply_cache_diff), so in fp32 it also changes the tensor the sampler then
+    computes the denoised latent from: 7-9 dB PSNR at every threshold. Every row gets a copy, as on a GPU (the
+    uncached pictures are bit-identical either way)."""
+    import comfy.model_sampling
+
+    calculate = comfy.model_sampling.CONST.calculate_input
+    comfy.model_sampling.CONST.calculate_input = lambda self, sigma, noise: calculate(self, sigma, noise).clone()
 
 
 def log(message: str) -> None:
@@ -338,6 +351,7 @@ def main(argv=None) -> int:
         return 0
     settings(args)
     comfy_process()
+    inputs_as_on_a_gpu()
     import torch
 
     torch.set_num_threads(args.threads)

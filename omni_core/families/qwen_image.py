@@ -120,6 +120,12 @@ class QwenImageFamily(ModelFamily):
     def _references(request: GenerationRequest) -> list:
         return raw_reference_latents(request.positive, "positive")
 
+    @staticmethod
+    def _edits_from_conditioning(request: GenerationRequest) -> bool:
+        """Whether either CONDITIONING carries reference images (then they, not the Sampler's images, are the edit's)."""
+        return bool(raw_reference_latents(request.positive, "positive")
+                    or raw_reference_latents(request.negative, "negative"))
+
     def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
         references = self._references(request)
         if (request.width and request.height) or not references:
@@ -131,10 +137,9 @@ class QwenImageFamily(ModelFamily):
 
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         super().check_request(source, request)
-        channels = len(source.component_config("vae")["latents_mean"])
         for name in ("positive", "negative"):
             for latent in raw_reference_latents(getattr(request, name), name):
-                check_reference_channels(latent.shape[1], channels, name)
+                check_reference_channels(latent.shape[1], len(source.component_config("vae")["latents_mean"]), name)
                 if latent.shape[0] not in (1, request.batch_size):
                     raise InvalidInput(name, f"carries a reference latent batch of {latent.shape[0]} for a batch_size "
                                        f"of {request.batch_size}.", f"reference latents of batch 1 or {request.batch_size}")
@@ -146,7 +151,7 @@ class QwenImageFamily(ModelFamily):
         return self.image_tokens(source, request) + max(self.reference_token_counts(request))
 
     def run_entries(self, source: ModelSource, request: GenerationRequest) -> tuple:
-        if not self._references(request) and not raw_reference_latents(request.negative, "negative"):
+        if not self._edits_from_conditioning(request):
             return ()
         config = source.component_config("vae")
         statistics = (config["latents_mean"], config["latents_std"])
@@ -210,7 +215,7 @@ class QwenImageEditFamily(QwenImageFamily):
         return list(request.images) if self._is_plus(source) else list(request.images[:1])
 
     def run_pipeline(self, pipeline, request: GenerationRequest):
-        if not self._references(request):
+        if not self._edits_from_conditioning(request):
             return pipeline
         # The edit pipelines encode their images themselves and take no latents: the text-to-image loop over the
         # same modules, with the reference tokens appended to each transformer call (run_entries).
@@ -218,11 +223,11 @@ class QwenImageEditFamily(QwenImageFamily):
         return diffusers.QwenImagePipeline(**{name: getattr(pipeline, name) for name in modules})
 
     def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
-        if self._references(request):
-            return super().transformer_tokens(source, request)
         """The output's tokens, each reference image's (the pipeline scales every one to about 1 MP and adds
         its latent to the sequence), and the vision tokens of the images the text encoder sees (Edit: the
         same 1 MP image; Edit-Plus: each at about 384x384), which join the prompt's stream."""
+        if self._edits_from_conditioning(request):
+            return super().transformer_tokens(source, request)
         multiple = self.size_multiple(source)
         module = pipeline_qwenimage_edit_plus if self._is_plus(source) else pipeline_qwenimage_edit
         vision_area = pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE if self._is_plus(source) else 1024 * 1024
@@ -236,7 +241,7 @@ class QwenImageEditFamily(QwenImageFamily):
         return tokens
 
     def prepare(self, source: ModelSource, request: GenerationRequest) -> GenerationRequest:
-        if self._references(request):
+        if self._edits_from_conditioning(request):
             return super().prepare(source, request)
         if not request.images:
             raise InvalidInput("image", f"{source.pipeline_class_name} edits an input image; connect one (e.g. from Load "
@@ -261,7 +266,7 @@ class QwenImageEditFamily(QwenImageFamily):
 
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         call = super().pipeline_call(pipeline, request)
-        if self._references(request):
+        if self._edits_from_conditioning(request):
             if request.images:
                 call.notes.append(f"{len(request.images)} input image(s) ignored: the CONDITIONING carries reference "
                                   "latents (the edit node's images)")

@@ -128,6 +128,7 @@ def test_a_killed_worker_fails_its_run_clearly_and_the_next_run_starts_a_new_poo
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in survivors)
 
 
+@pytest.mark.slow
 def test_no_worker_outlives_its_stack_or_its_server(comfy, tmp_path, model_dirs):
     _, report = _latent_and_report(comfy, _parallel("quant-qwen-image", dict(ulysses_degree=2), steps=2))
     pids = report["parallel"]["worker_pids"]
@@ -213,6 +214,7 @@ def test_cancel_ends_a_parallel_run_within_two_seconds_also_while_its_workers_lo
     assert report["transformer_calls"] == 4
 
 
+@pytest.mark.slow
 def test_no_worker_survives_its_server_killed_mid_load_or_stopped_with_sigterm(tmp_path, model_dirs):
     from tools.comfy_harness import ComfyServer
 

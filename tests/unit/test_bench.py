@@ -151,6 +151,7 @@ def test_server_benchmark_compares_previews_on_off_and_in_process(tmp_path):
     assert "| server+preview |" in (tmp_path / "server.md").read_text()
 
 
+@pytest.mark.slow
 def test_native_head_to_head_runs_every_cache_through_comfyuis_sampling(tmp_path):
     """bench/native.py --quick: the reference model in ComfyUI's own class, our nodes and ComfyUI's EasyCache and
     LazyCache applied by their own execute(), raw times and the head-to-head table written."""

@@ -69,6 +69,7 @@ def _rule(rel_l1, threshold):
     return "".join(decisions)
 
 
+@pytest.mark.slow
 def test_cond_and_uncond_decide_separately_in_one_batched_call():
     """ComfyUI batches uncond and cond rows into one call: each branch keeps its own state and decision (counted
     in the report); a call skips only when both agree. Z-Image's layers see the caption, so its TeaCache signal
