@@ -151,14 +151,12 @@ class ParallelConfig(ExecutionLayout):
                                        f"split evenly over {self.sequence_degree} sequence-parallel ranks.",
                                        "reference images whose sizes make the sum divide (their latent sizes in "
                                        "2x2 patches), a size that does, or ulysses_degree x ring_degree 1")
-        if self.cfg_parallel_size == 2:
+        if self.cfg_parallel_size == 2 and references[0] != references[1]:
             # The two ranks exchange whole transformer outputs, reference-image tokens included.
-            tokens = references
-            if tokens[0] != tokens[1]:
-                raise InvalidInput("negative", f"CFG parallel: the prompt's transformer calls take {tokens[0]} "
-                                   f"reference-image tokens and the negative prompt's {tokens[1]}.",
-                                   "the same reference latents in both CONDITIONINGs (both edit text encodes given "
-                                   "the same images and VAE), or cfg_parallel_size 1")
+            raise InvalidInput("negative", f"CFG parallel: the prompt's transformer calls take {references[0]} "
+                               f"reference-image tokens and the negative prompt's {references[1]}.",
+                               "the same reference latents in both CONDITIONINGs (both edit text encodes given "
+                               "the same images and VAE), or cfg_parallel_size 1")
 
     # --- memory: nothing of the pipeline lives in this process; CPU ranks share its memory ----------------
     def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:
