@@ -193,6 +193,10 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def test_cancel_ends_a_parallel_run_within_two_seconds_also_while_its_workers_load(comfy):
+    # No pool left by an earlier test (a stack without Parallel Config stops its workers), so the workers found
+    # below are the ones loading for this run.
+    run_images_and_report(comfy, sampler_prompt(model="quant-qwen-image", **{**BASE, "steps": 2}, width=32, height=32))
+    _wait_for(lambda: not _workers_of(comfy.process.pid), 10)
     # A stack whose pool is not up: Cancel arrives while the workers are still loading the model.
     prompt = _parallel("quant-qwen-image", dict(ulysses_degree=2), steps=400, seed=31)
     prompt["1"]["inputs"]["dtype"] = "fp32"  # another variant: a fresh pool
