@@ -8,7 +8,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,9 +88,16 @@ class Executor(Decoder):
 
 
 def checked_decode(spec: LoadSpec, vae, samples: torch.Tensor, options: DecodeOptions, memory: DeviceMemory,
-                   ) -> torch.Tensor:
-    """Decodes after checking the decode's peak memory against what is free on the VAE's device."""
+                   patch_group=None) -> torch.Tensor:
+    """Decodes after checking the decode's peak memory against what is free on the VAE's device. With a
+    `patch_group` (VAE patch parallel) this rank decodes its band of the picture, untiled."""
+    if patch_group is not None:
+        from .parallel.vae_patch import band_share
+
+        options = replace(options, tiling=False)
     need = decode_peak_bytes(vae, samples, options, DTYPE_BYTES[spec.dtype])
+    if patch_group is not None:
+        need = int(need * band_share(samples, patch_group))
     free = memory.free(spec.device)
     if need > free:
         raise InvalidInput(
@@ -98,7 +105,12 @@ def checked_decode(spec: LoadSpec, vae, samples: torch.Tensor, options: DecodeOp
             f"full-resolution features and the decoded pixels), but only {gib(free)} is free there.",
             "tiling on with a smaller tile_size, slicing on, or a smaller latent",
         )
-    return decode(spec.model_family, vae, samples, options)
+    if patch_group is None:
+        return decode(spec.model_family, vae, samples, options)
+    from .parallel.vae_patch import patch_parallel_decode
+
+    return decode(spec.model_family, vae, samples, options,
+                  vae_decode=lambda z: patch_parallel_decode(vae, z, patch_group))
 
 
 class LocalExecutor(Executor):
@@ -147,6 +159,6 @@ class LocalExecutor(Executor):
             if self.state.placement is not None:
                 self.state.placement.idle()  # a placement that keeps the VAE off the device between uses
 
-    def decode(self, samples: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
+    def decode(self, samples: torch.Tensor, options: DecodeOptions, patch_group=None) -> torch.Tensor:
         with self.vae() as vae:
-            return checked_decode(self.spec, vae, samples, options, self.memory)
+            return checked_decode(self.spec, vae, samples, options, self.memory, patch_group)

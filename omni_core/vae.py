@@ -85,8 +85,9 @@ def vae_settings(vae, options: DecodeOptions) -> Iterator[None]:
             setattr(vae, name, value)
 
 
-def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
-    """LATENT samples -> ComfyUI IMAGE (B, H, W, C) float in [0, 1] (video: frames as the batch)."""
+def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptions, vae_decode=None) -> torch.Tensor:
+    """LATENT samples -> ComfyUI IMAGE (B, H, W, C) float in [0, 1] (video: frames as the batch). `vae_decode`
+    replaces the VAE's own decode of the VAE-space latent (patch parallel)."""
     expected = family.latent_channels(vae)
     if samples.shape[1] != expected:
         raise InvalidInput(
@@ -97,7 +98,7 @@ def decode(family: ModelFamily, vae, samples: torch.Tensor, options: DecodeOptio
     check_options(vae, options)
     z = family.latent_to_vae_input(samples.to(vae.device, vae.dtype))
     with vae_settings(vae, options), torch.no_grad():
-        decoded = vae.decode(z, return_dict=False)[0]
+        decoded = vae.decode(z, return_dict=False)[0] if vae_decode is None else vae_decode(z)
     return family.vae_output_to_images(decoded)
 
 

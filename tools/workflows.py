@@ -97,11 +97,15 @@ def is_native(prompt: dict) -> bool:
 
 def parallel_ranks(prompt: dict) -> int:
     """Ranks a workflow's Parallel Config asks for (1 without one)."""
+    from dataclasses import fields
+
+    from omni_core.parallel.layout import ParallelConfig
+
     ranks = 1
     for node in prompt.values():
         if node["class_type"] == "OmniParallelConfig":
-            inputs = node["inputs"]
-            ranks = inputs["ulysses_degree"] * inputs["ring_degree"] * inputs["cfg_parallel_size"]
+            names = {f.name for f in fields(ParallelConfig)}
+            ranks = ParallelConfig(**{k: v for k, v in node["inputs"].items() if k in names}).world_size
     return ranks
 
 

@@ -44,6 +44,9 @@ class PipelineCall:
 class ModelFamily:
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
+    # The diffusers classes of the denoiser(s) and the VAE (what the parallel methods split).
+    transformer_class: ClassVar[str]
+    vae_class: ClassVar[str]
     # What the Sampler's `cfg` input becomes for this family (shown in the report and the tooltip).
     cfg_meaning: ClassVar[str]
     # Sampler inputs beyond the common ones that this family uses (see GenerationRequest).

@@ -78,6 +78,8 @@ _FLUX_NATIVE = NativeBlocks(
 
 class FluxFamily(ModelFamily):
     name = "flux"
+    transformer_class = "FluxTransformer2DModel"
+    vae_class = "AutoencoderKL"
     pipeline_classes = ("FluxPipeline",)
     cfg_meaning = (
         "true_cfg_scale: above 1 runs true CFG with the negative prompt (two transformer passes per step); "

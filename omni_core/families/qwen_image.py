@@ -97,6 +97,8 @@ QWEN_SINGLE_FILE = SingleFile(
 
 class QwenImageFamily(ModelFamily):
     name = "qwen-image"
+    transformer_class = "QwenImageTransformer2DModel"
+    vae_class = "AutoencoderKLQwenImage"
     pipeline_classes = ("QwenImagePipeline",)
     cfg_meaning = _TRUE_CFG
     single_file = QWEN_SINGLE_FILE

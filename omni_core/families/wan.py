@@ -95,6 +95,8 @@ _WAN_NATIVE = NativeBlocks(
 
 class WanFamily(ModelFamily):
     name = "wan"
+    transformer_class = "WanTransformer3DModel"
+    vae_class = "AutoencoderKLWan"
     pipeline_classes = ("WanPipeline",)
     cfg_meaning = (
         "guidance_scale: above 1 runs CFG with the negative prompt (two transformer passes per step); "

@@ -82,6 +82,8 @@ _Z_IMAGE_NATIVE = NativeBlocks(
 
 class ZImageFamily(ModelFamily):
     name = "z-image"
+    transformer_class = "ZImageTransformer2DModel"
+    vae_class = "AutoencoderKL"
     pipeline_classes = ("ZImagePipeline",)
     cfg_batched = True
     single_file = Z_IMAGE_SINGLE_FILE

@@ -1,8 +1,12 @@
 """Parallel Config: a load-time entry whose variant runs in a pool of worker processes, one per rank.
 
-Ranks: cfg_parallel_size x ring_degree x ulysses_degree. The CFG dimension is outermost: ranks
-[0 .. n/2) compute the prompt's branch, the others the negative prompt's; inside each half, the sequence
-(tokens) is split over ring x ulysses ranks. The ComfyUI process holds no copy of the pipeline.
+Ranks: replicas x cfg_parallel_size x tensor_parallel_size x ring_degree x ulysses_degree. The CFG dimension
+is outermost: ranks [0 .. n/2) compute the prompt's branch, the others the negative prompt's; inside each
+half, the DiT's weights are split over the tensor-parallel ranks, or the sequence (tokens) over ring x
+ulysses ranks. HSDP shards the weights over ranks that run in step (every rank by default), and VAE patch
+parallel splits the decode over the first ranks. With no other parallelism, HSDP and VAE patch parallel
+start replicas: ranks that run the same request in step (only the weights or the decode are shared). The
+ComfyUI process holds no copy of the pipeline.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class ParallelConfig(ExecutionLayout):
         int, 1, "Ulysses sequence parallelism: ranks that split the tokens (all-to-all over heads). Must divide the "
         "model's attention heads. Near-linear for long sequences.", min=1, max=64)
     ring_degree: int = setting(
-        int, 1, "Ring attention: ranks passing key/value blocks around a ring (GPUs only). ulysses_degree x "
+        int, 1, "Ring attention: ranks passing key/value blocks around a ring (GPU or CPU ranks). ulysses_degree x "
         "ring_degree ranks share the tokens.", min=1, max=64)
     cfg_parallel_size: int = setting(
         int, 1, "2: the prompt and the negative prompt on different ranks (~2x for models with CFG on; needs "
@@ -63,13 +67,51 @@ class ParallelConfig(ExecutionLayout):
     ray_address: str = setting(
         str, "", "Run the ranks as Ray actors on the cluster at this address (e.g. 10.0.0.5:6379); empty = worker "
         "processes on this machine. Needs the ray package.", parse=str.strip)
+    tensor_parallel_size: int = setting(
+        int, 1, "Tensor parallel: ranks that split the DiT's attention and feed-forward weights (each holds about "
+        "1/N of the DiT; an all-reduce after each split layer). Must divide the attention heads.", min=1, max=64)
+    vae_patch_parallel_size: int = setting(
+        int, 1, "VAE patch parallel: ranks that decode one spatial band of the picture each (with the overlap the "
+        "decoder needs; equal to the whole decode, in place of tiling), gathered on the first. At most the "
+        "layout's ranks; alone, it sets them.", min=1, max=64)
+    use_hsdp: bool = setting(
+        bool, False, "HSDP: shard the DiT's weights over ranks with FSDP2, each block gathered just before it runs "
+        "(about 1/N of the DiT per rank; exact). Composes with Ulysses and Ring.")
+    hsdp_shard_size: int = setting(
+        int, 0, "Ranks sharing one copy of the weights under HSDP; 0 = every rank of the layout. With no other "
+        "parallelism it sets the ranks (each runs the same request).", min=0, max=64)
+    enable_expert_parallel: bool = setting(
+        bool, False, "Expert parallel: for mixture-of-experts DiTs that route tokens to experts. None of the "
+        "supported families does (Wan 2.2's two experts take whole steps), so it is refused.")
     # Set in the variant key when the stack has Cache-DiT and splits the sequence: cache-dit then enables its
     # cache together with the split when the workers load (its hooks must be set up in that order).
     cache_dit_at_load: bool = False
 
     @property
+    def model_ranks(self) -> int:
+        """Ranks the transformer's own split needs (CFG branches x tensor x sequence)."""
+        return self.cfg_parallel_size * self.tensor_parallel_size * self.ulysses_degree * self.ring_degree
+
+    @property
+    def replicas(self) -> int:
+        if self.model_ranks > 1:
+            return 1
+        return max(self.hsdp_shard_size if self.use_hsdp else 1, self.vae_patch_parallel_size)
+
+    @property
     def world_size(self) -> int:
-        return self.ulysses_degree * self.ring_degree * self.cfg_parallel_size
+        return self.model_ranks * self.replicas
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks sharing one copy of the DiT's weights under HSDP."""
+        return self.hsdp_shard_size or self.world_size
+
+    @property
+    def degrees_text(self) -> str:
+        parts = [("cfg", self.cfg_parallel_size), ("tensor", self.tensor_parallel_size), ("ring", self.ring_degree),
+                 ("ulysses", self.ulysses_degree), ("replicas", self.replicas)]
+        return " x ".join(f"{value} {name}" for name, value in parts if value > 1) or "1"
 
     @property
     def sequence_degree(self) -> int:
@@ -100,28 +142,69 @@ class ParallelConfig(ExecutionLayout):
         else:
             available = cpu_ranks_allowed()
             where = f"{available} CPU core(s) (OMNI_ACCEL_CPU_RANKS allows more)"
+        self.check_degrees()
         if self.world_size > available and not self.ray_address:
             raise InvalidInput(
-                "ulysses_degree, ring_degree, cfg_parallel_size",
-                f"{self.cfg_parallel_size} x {self.ring_degree} x {self.ulysses_degree} = {self.world_size} ranks, "
-                f"but this stack runs on {where}.", f"degrees whose product is at most {available}",
+                "ulysses_degree, ring_degree, cfg_parallel_size, tensor_parallel_size",
+                f"{self.degrees_text} = {self.world_size} ranks, but this stack runs on {where}.",
+                f"degrees whose product is at most {available}",
             )
-        if self.ring_degree > 1 and not on_gpu:
-            raise InvalidInput("ring_degree", "Ring attention has no CPU kernel (it needs flash attention on a GPU).",
-                               "1 on the CPU (use ulysses_degree)")
         if self.backend == "nccl" and not on_gpu:
             raise InvalidInput("backend", "nccl needs GPUs; this stack runs on the CPU.", "auto or gloo")
         heads = family.attention_heads(source)
-        if heads % self.ulysses_degree:
-            raise InvalidInput("ulysses_degree", f"'{spec.name}' has {heads} attention heads, which "
-                               f"{self.ulysses_degree} Ulysses ranks cannot split evenly.",
-                               f"a divisor of {heads}: " + ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0))
+        for name, degree, what in (("ulysses_degree", self.ulysses_degree, "Ulysses"),
+                                   ("tensor_parallel_size", self.tensor_parallel_size, "tensor-parallel")):
+            if heads % degree:
+                raise InvalidInput(name, f"'{spec.name}' has {heads} attention heads, which {degree} {what} ranks "
+                                   "cannot split evenly.",
+                                   f"a divisor of {heads}: " + ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0))
+        from .support import hsdp_problem, tensor_parallel_problem, vae_patch_problem
+
+        problems = {
+            "tensor_parallel_size": self.tensor_parallel_size > 1 and tensor_parallel_problem(family, source),
+            "use_hsdp": self.use_hsdp and hsdp_problem(family, source),
+            "vae_patch_parallel_size": self.vae_patch_parallel_size > 1 and vae_patch_problem(family, source),
+        }
+        for name, problem in problems.items():
+            if problem:
+                raise IncompatibleStack(f"Parallel Config: {name}: {problem}")
         if self.sequence_degree > 1:
             problem = family.sequence_parallel_problem(source)
             if problem:
                 raise IncompatibleStack(f"Parallel Config: {problem}")
         if self.ray_address:
             check_address(self.ray_address)
+
+    def check_degrees(self) -> None:
+        """The combinations the layout cannot make, whatever the model."""
+        if self.enable_expert_parallel:
+            raise InvalidInput("enable_expert_parallel", "none of the supported families routes tokens to experts "
+                               "(Wan 2.2's two experts each take whole steps, on every rank), so there is nothing "
+                               "to split.", "false")
+        if self.tensor_parallel_size > 1 and self.sequence_degree > 1:
+            raise InvalidInput("tensor_parallel_size", f"{self.tensor_parallel_size} with ulysses_degree x ring_degree "
+                               f"{self.sequence_degree}: tensor parallel and sequence parallel both split the "
+                               "attention heads, and the pack does not combine them yet.",
+                               "tensor_parallel_size 1, or ulysses_degree and ring_degree 1")
+        if self.use_hsdp and self.tensor_parallel_size > 1:
+            raise InvalidInput("use_hsdp", "HSDP shards whole weights and tensor parallel splits them already; the "
+                               "pack does not stack the two.", "false, or tensor_parallel_size 1")
+        if self.use_hsdp and self.cfg_parallel_size == 2:
+            raise InvalidInput("use_hsdp", "CFG parallel's two branches run their transformer calls at different "
+                               "moments of a step, so the ranks' weight gathers would not meet.",
+                               "false, or cfg_parallel_size 1")
+        if self.hsdp_shard_size and not self.use_hsdp:
+            raise InvalidInput("hsdp_shard_size", f"{self.hsdp_shard_size} without use_hsdp.", "0, or use_hsdp true")
+        if self.use_hsdp and self.world_size < 2:
+            raise InvalidInput("hsdp_shard_size", "HSDP on one rank shards nothing.",
+                               "2 or more, or another degree above 1 (HSDP then shards over its ranks)")
+        if self.use_hsdp and self.world_size % self.shard_size:
+            raise InvalidInput("hsdp_shard_size", f"{self.hsdp_shard_size} does not divide the layout's "
+                               f"{self.world_size} ranks.", "a divisor of the ranks, or 0 for all of them")
+        if self.vae_patch_parallel_size > self.world_size:
+            raise InvalidInput("vae_patch_parallel_size", f"{self.vae_patch_parallel_size} ranks, but the layout has "
+                               f"{self.world_size} ({self.degrees_text}).",
+                               f"at most {self.world_size}, or every other degree 1 (it then sets the ranks)")
 
     def for_recipe(self, recipe) -> "ParallelConfig":
         from dataclasses import replace
@@ -130,6 +213,14 @@ class ParallelConfig(ExecutionLayout):
         return replace(self, cache_dit_at_load=with_cache_dit)
 
     def check_stack(self, others) -> None:
+        if self.tensor_parallel_size > 1 or self.use_hsdp:
+            method = "tensor parallel" if self.tensor_parallel_size > 1 else "HSDP"
+            for entry in others:
+                if entry.kind in ("offload", "compile"):
+                    reason = ("offload moves the weights that it splits across ranks" if entry.kind == "offload" else
+                              "regional compile of blocks with split weights is not checked yet")
+                    raise IncompatibleStack(f"Parallel Config: {method} cannot be combined with {entry.display_name} "
+                                            f"({reason}). Remove one of them.")
         caches = [e.display_name for e in others if e.exclusive_group == "cache"]
         if self.cfg_parallel_size == 2 and caches:
             raise IncompatibleStack(
@@ -178,4 +269,5 @@ class ParallelConfig(ExecutionLayout):
 
     def weights_detail(self, need: dict[str, int]) -> str:
         per_rank = need.get("cpu", 0) // self.world_size
-        return f" ({self.world_size} CPU ranks, each loading the whole model: about {per_rank / 2**30:.2f} GiB each)"
+        return (f" ({self.world_size} CPU ranks, each loading the whole model before any split: about "
+                f"{per_rank / 2**30:.2f} GiB each)")

@@ -86,6 +86,7 @@ class Ready:
     seconds: float  # loading the variant
     pid: int
     run_id: int = 0  # setting up comes before every run
+    denoiser_bytes: int = 0  # what this rank holds of the denoisers' parameters after the split
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Done:
     latent: torch.Tensor | None  # rank 0 only
     report: dict  # RunReport.parts()
     tokens_in_first_block: int | None = None
+    peak_device_bytes: int | None = None  # GPU ranks: the most torch allocated on the device during the run
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class Failed:
 @dataclass(frozen=True)
 class Decoded:
     run_id: int
-    image: torch.Tensor
+    image: torch.Tensor | None  # rank 0's; the other patch-parallel ranks send none
 
 
 # --- host -> worker ---------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class WorkerPool(Executor):
         self.broken: str | None = None
         self.ready = False
         self.workers_load_seconds = 0.0
+        self.denoiser_bytes_per_rank: list[int] = []
         self._run_id = 0
         self._secret = secrets.token_bytes(32)
         self._listener: socket.socket | None = None
@@ -178,6 +179,7 @@ class WorkerPool(Executor):
         ready = self._collect(0, LOAD_TIMEOUT, "loading the model", check_cancel, final=Ready)  # or raises
         self.pids = [ready[rank].pid for rank in range(world)]
         self.workers_load_seconds = max(m.seconds for m in ready.values())
+        self.denoiser_bytes_per_rank = [ready[rank].denoiser_bytes for rank in sorted(ready)]
         self.ready = True
         log.info("Omni Accel: worker pool of %d rank(s) ready in %.1f s (pids %s)", world,
                  self.workers_load_seconds, self.pids)
@@ -236,20 +238,26 @@ class WorkerPool(Executor):
         layout = self.layout
         report.section("parallel").update(
             ulysses_degree=layout.ulysses_degree, ring_degree=layout.ring_degree,
-            cfg_parallel_size=layout.cfg_parallel_size, world_size=layout.world_size,
+            cfg_parallel_size=layout.cfg_parallel_size, tensor_parallel_size=layout.tensor_parallel_size,
+            hsdp_shard_size=layout.shard_size if layout.use_hsdp else None,
+            vae_patch_parallel_size=layout.vae_patch_parallel_size, replicas=layout.replicas,
+            world_size=layout.world_size, denoiser_bytes_per_rank=self.denoiser_bytes_per_rank,
             backend=layout.resolved_backend(self.spec.device), devices=layout.rank_devices(self.spec.device),
             ray_address=layout.ray_address or None, worker_pids=self.pids, pool_started_this_run=started_here,
             workers_load_seconds=self.workers_load_seconds,
             same_cache_decisions_on_every_rank=_same_decisions(run_entries, [p.report for p in parts]),
             tokens_per_rank=[p.tokens_in_first_block for p in parts],
+            peak_device_bytes_per_rank=[p.peak_device_bytes for p in parts],
         )
         return parts[0].latent
 
     def decode(self, samples, options):
         self._wait_ready(None)
         run_id = self._next_run()
-        self.channels[0].send(DecodeRequest(run_id, samples, options))
-        finals = self._collect(run_id, RUN_TIMEOUT, "decoding", None, ranks=(0,))
+        ranks = range(self.layout.vae_patch_parallel_size)  # VAE patch parallel: each decodes its band
+        for rank in ranks:
+            self.channels[rank].send(DecodeRequest(run_id, samples, options))
+        finals = self._collect(run_id, RUN_TIMEOUT, "decoding", None, ranks=ranks)
         self._raise_unless_all(finals, Decoded, "decoding")
         return finals[0].image
 

@@ -9,9 +9,12 @@ the ranks that share this transformer's tokens, so a CFG-parallel layout can hol
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from .cpu_ring import uneven_split
 
 
 def enable_sequence_parallel(transformer: torch.nn.Module, ulysses: int, ring: int, mesh, device: torch.device) -> None:
@@ -28,11 +31,12 @@ def enable_sequence_parallel(transformer: torch.nn.Module, ulysses: int, ring: i
     anything = ring == 1
     config = ParallelismConfig(ulysses_size=ulysses if ulysses > 1 else None, ring_size=ring if ring > 1 else None,
                                ulysses_anything=anything)
-    context = _ContextParallelConfig(
-        ulysses_degree=ulysses, ring_degree=ring, convert_to_fp32=config.ring_convert_to_fp32,
-        rotate_method=config.ring_rotate_method, ulysses_anything=anything, ulysses_float8=False,
-        ulysses_async=False, extra_kwargs={},
-    )
+    with uneven_split() if ring > 1 and device.type == "cpu" else nullcontext():
+        context = _ContextParallelConfig(
+            ulysses_degree=ulysses, ring_degree=ring, convert_to_fp32=config.ring_convert_to_fp32,
+            rotate_method=config.ring_rotate_method, ulysses_anything=anything, ulysses_float8=False,
+            ulysses_async=False, extra_kwargs={},
+        )
     context.setup(rank=dist.get_rank(), world_size=ulysses * ring, device=device, mesh=mesh)
     plan = ContextParallelismPlannerRegister.get_planner(transformer)().apply(transformer=transformer,
                                                                              parallelism_config=config)
@@ -45,7 +49,7 @@ def enable_sequence_parallel(transformer: torch.nn.Module, ulysses: int, ring: i
             forward.__wrapped__ = types.MethodType(type(module).forward, module)
 
 
-def enable_cache_dit_with_split(transformer: torch.nn.Module, layout) -> None:
+def enable_cache_dit_with_split(transformer: torch.nn.Module, layout, device: torch.device) -> None:
     """cache-dit's cache and its sequence split on one transformer, set up together in the order cache-dit
     needs (its cache matches blocks by their own forward, which the split's hooks would hide). The cache
     starts inert (threshold 0); each run's Cache-DiT entry refreshes it with its own settings."""
@@ -55,8 +59,9 @@ def enable_cache_dit_with_split(transformer: torch.nn.Module, layout) -> None:
 
     cache_dit.enable_cache(transformer, cache_config=DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, enable_separate_cfg=False))
-    enable_parallelism(transformer, ParallelismConfig(
-        ulysses_size=layout.ulysses_degree if layout.ulysses_degree > 1 else None,
-        ring_size=layout.ring_degree if layout.ring_degree > 1 else None,
-        ulysses_anything=layout.ring_degree == 1,
-    ))
+    with uneven_split() if layout.ring_degree > 1 and device.type == "cpu" else nullcontext():
+        enable_parallelism(transformer, ParallelismConfig(
+            ulysses_size=layout.ulysses_degree if layout.ulysses_degree > 1 else None,
+            ring_size=layout.ring_degree if layout.ring_degree > 1 else None,
+            ulysses_anything=layout.ring_degree == 1,
+        ))

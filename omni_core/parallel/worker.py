@@ -79,12 +79,16 @@ class Rank:
     def __init__(self, channel: Channel, inbox: Inbox, rank: int):
         self.channel, self.inbox, self.rank = channel, inbox, rank
         self.cfg_wrappers = []
+        self.vae_group = None
 
     def setup(self, setup: Setup, store=None) -> None:
         from .. import ModelStore, Variant
         from ..block_hooks import pin_chains
         from ..executor import RankContext
         from .cfg import enable_cfg_parallel
+        from .cpu_ring import enable_cpu_ring
+        from .hsdp import enable_hsdp, hsdp_blocks, local_parameter_bytes
+        from .tensor_parallel import enable_tensor_parallel
         from .sequence import enable_cache_dit_with_split, enable_sequence_parallel
 
         layout = setup.layout
@@ -103,16 +107,19 @@ class Rank:
         self.store = ModelStore(max_per_device=1)
         self.executor, _ = self.store.get(self.variant)
         family, pipeline = self.executor.family, self.executor.pipeline
-        mesh = dist.device_mesh.init_device_mesh(device.type, (layout.cfg_parallel_size, layout.ring_degree,
-                                                               layout.ulysses_degree),
-                                                 mesh_dim_names=("cfg", "ring", "ulysses"))
+        mesh = dist.device_mesh.init_device_mesh(
+            device.type, (layout.replicas, layout.cfg_parallel_size, layout.tensor_parallel_size, layout.ring_degree,
+                          layout.ulysses_degree), mesh_dim_names=("replicate", "cfg", "tp", "ring", "ulysses"))
+        denoisers = family.denoisers(pipeline).values()
+        if layout.ring_degree > 1 and device.type == "cpu":
+            enable_cpu_ring()
         if layout.sequence_degree > 1:
             sequence_mesh = mesh["ring", "ulysses"]
             group = sequence_mesh._flatten().get_group()
-            for denoiser in family.denoisers(pipeline).values():
+            for denoiser in denoisers:
                 pin_chains(family.transformer_blocks(denoiser))  # caches nest inside the token split
                 if layout.cache_dit_at_load:
-                    enable_cache_dit_with_split(denoiser, layout)
+                    enable_cache_dit_with_split(denoiser, layout, device)
                 else:
                     enable_sequence_parallel(denoiser, layout.ulysses_degree, layout.ring_degree, sequence_mesh, device)
 
@@ -121,10 +128,23 @@ class Rank:
                 return tensor
 
             self.executor.rank = RankContext(reduce_sum=reduce_sum, cache_dit_set_up_at_load=layout.cache_dit_at_load)
+        if layout.tensor_parallel_size > 1:
+            for denoiser in denoisers:
+                enable_tensor_parallel(denoiser, mesh["tp"])
+        if layout.use_hsdp:
+            shard = layout.shard_size
+            shard_mesh = dist.device_mesh.DeviceMesh(
+                device.type, torch.arange(layout.world_size).reshape(layout.world_size // shard, shard),
+                mesh_dim_names=("replicate", "shard"))
+            for denoiser in denoisers:
+                enable_hsdp(denoiser, hsdp_blocks(denoiser), shard_mesh)
         if layout.cfg_parallel_size == 2:
-            branch = mesh.get_coordinate()[0]
+            branch = mesh.get_coordinate()[1]
             self.cfg_wrappers = enable_cfg_parallel(pipeline, family, branch, mesh["cfg"].get_group())
-        self.channel.send(Ready(self.rank, round(time.perf_counter() - start, 3), os.getpid()))
+        if layout.vae_patch_parallel_size > 1:  # every rank takes part in making the group
+            self.vae_group = dist.new_group(list(range(layout.vae_patch_parallel_size)))
+        held = sum(local_parameter_bytes(denoiser) for denoiser in denoisers)
+        self.channel.send(Ready(self.rank, round(time.perf_counter() - start, 3), os.getpid(), denoiser_bytes=held))
 
     def _agree(self, flag: bool) -> bool:
         """Whether any rank raised `flag` (every rank gets the same answer)."""
@@ -169,6 +189,9 @@ class Rank:
 
         handles = [query.register_forward_pre_hook(count_tokens) for query in queries]
         report = RunReport()
+        device = torch.device(self.variant.spec.device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             latent = self.executor.generate(message.entries, message.request, report, on_step=on_step,
                                             previews=message.previews if self.rank == 0 else None)
@@ -178,11 +201,13 @@ class Rank:
         finally:
             for handle in handles:
                 handle.remove()
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         self.channel.send(Done(message.run_id, self.rank, latent.cpu() if self.rank == 0 else None, report.parts(),
-                               tokens[0] if tokens else None))
+                               tokens[0] if tokens else None, peak))
 
     def decode(self, message: DecodeRequest) -> None:
-        self.channel.send(Decoded(message.run_id, self.executor.decode(message.samples, message.options)))
+        image = self.executor.decode(message.samples, message.options, self.vae_group)
+        self.channel.send(Decoded(message.run_id, image if self.rank == 0 else None))
 
 
 def _store_for(rank: int, over_tcp: bool, host: str, world: int):

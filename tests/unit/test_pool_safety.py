@@ -81,9 +81,16 @@ def test_one_ranks_refusal_is_every_ranks_and_the_pool_stays_in_step(model_dirs,
             "every rank ran this request, none was one behind"
 
 
-def test_one_ranks_failure_stops_the_pool_and_the_next_run_starts_a_fresh_one(model_dirs, faults):
+@pytest.mark.parametrize("layout", [
+    ParallelConfig(ulysses_degree=2),
+    pytest.param(ParallelConfig(ring_degree=2), marks=pytest.mark.slow),
+    pytest.param(ParallelConfig(tensor_parallel_size=2), marks=pytest.mark.slow),
+    pytest.param(ParallelConfig(use_hsdp=True, hsdp_shard_size=2), marks=pytest.mark.slow),
+    pytest.param(ParallelConfig(vae_patch_parallel_size=2), marks=pytest.mark.slow),
+], ids=["ulysses2", "ring2", "tp2", "hsdp2", "vae-patch2"])
+def test_one_ranks_failure_stops_the_pool_and_the_next_run_starts_a_fresh_one(model_dirs, faults, layout):
     plain = tiny_pipe(model_dirs, "quant-qwen-image")
-    pipe = plain.with_accelerator(ParallelConfig(ulysses_degree=2))
+    pipe = plain.with_accelerator(layout)
     store = ModelStore()
     pids = generate(pipe, REQUEST, store).report.sections["parallel"]["worker_pids"]
     faults.with_suffix(".fail-rank1").touch()

@@ -32,6 +32,7 @@ MODELS: dict[str, Callable[[], object]] = {
     "tiny-flux-schnell": lambda: flux.build(guidance_embeds=False),
     "tiny-wan21": lambda: wan.build(experts=1),
     "tiny-wan22": lambda: wan.build(experts=2),
+    "tiny-wan22-heads4": lambda: wan.build(experts=2, width="heads4"),
     "deep-qwen-image": lambda: qwen_image.build("deep"),
     "mid-qwen-image": lambda: qwen_image.build("mid"),
     # hidden 256: GGUF quant types need rows of 32 (K-quants 256) values

@@ -9,15 +9,17 @@ from transformers import UMT5Config, UMT5EncoderModel
 from .tokenizer import build_t5_tokenizer
 
 
-# tiny: diffusers' pipeline-test width; quant: hidden 256, rows long enough for every GGUF block size
+# tiny: diffusers' pipeline-test width; quant: hidden 256, rows long enough for every GGUF block size; heads4:
+# tiny with 4 heads (the seed's multi-GPU video recipe splits them over 4 Ulysses ranks)
 WIDTHS = {"tiny": dict(attention_head_dim=12, ffn_dim=32, num_layers=2),
-          "quant": dict(attention_head_dim=128, ffn_dim=512, num_layers=1)}
+          "quant": dict(attention_head_dim=128, ffn_dim=512, num_layers=1),
+          "heads4": dict(attention_head_dim=12, ffn_dim=32, num_layers=2, num_attention_heads=4)}
 
 
 def _transformer(width: str) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, in_channels=16, out_channels=16, text_dim=32, freq_dim=256,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **WIDTHS[width],
+        patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=32, freq_dim=256, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **{"num_attention_heads": 2, **WIDTHS[width]},
     )
 
 
