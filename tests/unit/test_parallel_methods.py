@@ -187,3 +187,30 @@ def test_vae_patch_parallel_decodes_the_single_picture(model_dirs, model, monkey
             store.release()
         assert image.shape == whole.shape
         assert (image - whole).abs().max().item() <= 1 / 255
+
+
+@pytest.mark.slow
+def test_recipe_d_runs_on_eight_ranks_where_they_are_allowed(model_dirs, monkeypatch):
+    """The seed's recipe D (Wan 2.2, FP8, Ulysses 4 x Ring 2, VAE patch 8) on 8 CPU ranks: the single process's
+    latent and picture. The shipped workflow is refused up front on machines with fewer ranks
+    (tests/e2e/test_shipped_workflows.py)."""
+    from omni_core.quant.fp8 import FP8Quantize
+
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "8")
+    pipe = cpu_pipe(model_dirs, "tiny-wan22-heads4").with_accelerator(FP8Quantize())
+    request = GenerationRequest(prompt="a red circle moving to the right", negative_prompt="", seed=42, steps=3,
+                                cfg=4.0, width=64, height=64, num_frames=9)
+    store = ModelStore()
+    single = generate(pipe, request, store)
+    whole = decode_latent(pipe, single.latent, DecodeOptions(tiling=False), store)
+    store.release()
+    layout = ParallelConfig(ulysses_degree=4, ring_degree=2, vae_patch_parallel_size=8)
+    store = ModelStore()
+    try:
+        result = generate(pipe.with_accelerator(layout), request, store)
+        picture = decode_latent(pipe.with_accelerator(layout), result.latent, DecodeOptions(tiling=False), store)
+    finally:
+        store.release()
+    _close(result, single)
+    assert result.report.sections["parallel"]["tokens_per_rank"] == [6] * 8  # 3 latent frames x 4 x 4 patches / 8
+    assert picture.shape == whole.shape and (picture - whole).abs().max().item() <= 1 / 255
