@@ -41,8 +41,9 @@ def layouts(ranks: int) -> dict[str, dict]:
         f"hsdp_ulysses{ranks}": dict(use_hsdp=True, ulysses_degree=ranks),
         f"vae_patch{ranks}": dict(vae_patch_parallel_size=ranks),
     }
-    return {name: settings for name, settings in table.items()
-            if name != f"ulysses{half}xring2" or half > 1 or ranks == 2}
+    if half == 1:  # Ulysses 1 x Ring 2 is Ring 2
+        del table["ulysses1xring2"]
+    return table
 
 
 def _measure(pipe, request, store, decode: bool):

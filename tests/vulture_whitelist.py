@@ -43,3 +43,8 @@ _.refusals
 _.teacache_window_as_easycache_reads_it
 _.teacache_branch_sweep
 _.write
+# torch's ParallelStyle calls these on its subclasses (omni_core/parallel/tensor_parallel.py)
+_._partition_linear_fn
+_._apply
+# cache-dit's context-parallel hooks read it (omni_core/parallel/cpu_ring.uneven_split)
+_.ulysses_anything

@@ -69,7 +69,7 @@ def _mask_blocks(mask, sizes: list[int], rank: int, group, dtype):
 
 
 def cpu_ring_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-                       forward_op, backward_op, _cp_config=None):
+                       _forward_op, _backward_op, _cp_config=None):
     """cache-dit's `RingAttention.apply` arguments; (B, S_local, H, D) tensors, S_local may differ per rank."""
     if dropout_p or is_causal or enable_gqa:
         raise ValueError("ring attention on the CPU: no dropout, causal masks or grouped-query attention")

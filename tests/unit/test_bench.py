@@ -179,3 +179,25 @@ def test_native_head_to_head_runs_every_cache_through_comfyuis_sampling(tmp_path
     readme = (tmp_path / "README.md").read_text()
     assert "## Head to head" in readme and "x EasyCache's best" in readme
     assert (tmp_path / "fronts.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_parallel_benchmark_measures_each_layout_against_one_device(tmp_path, model_dirs):
+    import subprocess
+    import sys
+
+    from bench.parallel import ROOT, layouts
+
+    assert set(layouts(8)) == {"ulysses8", "ring8", "ulysses4xring2", "cfg2xulysses4", "tp8", "hsdp8",
+                               "hsdp_ulysses8", "vae_patch8"}
+    done = subprocess.run([sys.executable, "bench/parallel.py", "--cpu", "--model", str(model_dirs["quant-qwen-image"]),
+                           "--gpus", "2", "--layouts", "tp2,cfg2xulysses1", "--steps", "2", "--rounds", "1",
+                           "--width", "32", "--height", "32", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in (tmp_path / "parallel.md").read_text().splitlines()
+                                          if line.startswith("| ") and "---" not in line)}
+    assert set(rows) == {"layout", "one device", "tp2", "cfg2xulysses1"}
+    assert rows["one device"][2] == "1.00x" and float(rows["tp2"][1]) > 0 and rows["tp2"][5] == ""
+    assert rows["tp2"][4].count("MiB") == 2  # what each of the two ranks holds of the DiT

@@ -6,7 +6,6 @@ splits are measured on the ranks."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, ModelStore, generate
 from omni_core.cache.cachedit import CacheDiT
