@@ -23,7 +23,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..omni_core import InvalidInput, ModelStore
+from ..omni_core import InvalidInput, ModelStore, OmniError
 from ..omni_core.memory import gib
 
 log = logging.getLogger("omni_accel")
@@ -245,7 +245,8 @@ def step_listener(total_steps: int):
 
 # --- status -----------------------------------------------------------------------------------------
 def _add_status_route() -> None:
-    """GET /omni_accel/store: what the pack holds in memory, per device (for users and tests)."""
+    """GET /omni_accel/store: what the pack holds in memory, per device (for users and tests); GET
+    /omni_accel/family?model=NAME: the model's family and the Sampler inputs it uses (for the editor)."""
     try:
         from aiohttp import web
         from server import PromptServer
@@ -258,6 +259,16 @@ def _add_status_route() -> None:
     @instance.routes.get("/omni_accel/store")
     async def store_status(request):
         return web.json_response(STORE.status())  # a snapshot: never waits for a load in progress
+
+    @instance.routes.get("/omni_accel/family")
+    async def family_of_model(request):
+        """The family of a Loader model and the Sampler inputs it uses (the editor shows only those)."""
+        from .loader import family_inputs
+
+        try:
+            return web.json_response(family_inputs(request.query.get("model", "")))
+        except OmniError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
 
 
 _add_status_route()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..omni_core import InvalidInput, LoadSpec, OmniPipe
+from ..omni_core import GenerationRequest, InvalidInput, LoadSpec, OmniPipe
 from ..omni_core.devices import DTYPE_CHOICES, device_choices
 from ..omni_core.families import supported_pipeline_classes
 from ..omni_core.offload.compile import MODES as COMPILE_MODES, RegionalCompile
@@ -48,6 +48,13 @@ def _spec(model: str, dtype: str, device: str, transformer_file: str = "none", t
     files = {"transformer": path, **{k: v for k, v in {**parts, "transformer_2": transformers["transformer_2"]}.items()
                                       if v}}
     return LoadSpec.from_files(files, model, dtype, device, tokenizer_dirs())
+
+
+def family_inputs(model: str) -> dict:
+    """What the Sampler shows for a Loader model: its family, and which of the Sampler's family inputs it uses."""
+    spec = _spec(model, "auto", "cpu")
+    return {"family": spec.model_family.name, "family_inputs": list(GenerationRequest.VALUE_FAMILY_INPUTS),
+            "uses": sorted(spec.model_family.inputs_used(spec.source) & set(GenerationRequest.VALUE_FAMILY_INPUTS))}
 
 
 def model_choices() -> list[str]:

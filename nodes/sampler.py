@@ -47,6 +47,7 @@ class OmniSampler(OmniNode):
                 io.Image.Input("image_2", optional=True, tooltip="Qwen-Image-Edit-Plus: another reference image (any size)."),
                 io.Image.Input("image_3", optional=True, tooltip="Qwen-Image-Edit-Plus: a third reference image (any size)."),
                 *_request_inputs(_FAMILY_VALUES),
+                *_request_inputs(("flow_shift",)),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="ComfyUI's CONDITIONING (CLIPTextEncode, TextEncodeQwenImageEdit, FluxGuidance, "
                                               "...) in place of the prompt text: what a pipe without a text encoder file "

@@ -88,16 +88,14 @@ class Executor(Decoder):
 
 
 def checked_decode(spec: LoadSpec, vae, samples: torch.Tensor, options: DecodeOptions, memory: DeviceMemory,
-                   patch_group=None) -> torch.Tensor:
-    """Decodes after checking the decode's peak memory against what is free on the VAE's device. With a
-    `patch_group` (VAE patch parallel) this rank decodes its band of the picture, untiled."""
-    if patch_group is not None:
-        from .parallel.vae_patch import band_share
-
+                   split=None) -> torch.Tensor:
+    """Decodes after checking the decode's peak memory against what is free on the VAE's device. A `split`
+    (VAE patch parallel: parallel.vae_patch.PatchSplit) decodes this rank's band of the picture, untiled."""
+    if split is not None:
         options = replace(options, tiling=False)
     need = decode_peak_bytes(vae, samples, options, DTYPE_BYTES[spec.dtype])
-    if patch_group is not None:
-        need = int(need * band_share(samples, patch_group))
+    if split is not None:
+        need = int(need * split.share(samples))
     free = memory.free(spec.device)
     if need > free:
         raise InvalidInput(
@@ -105,12 +103,8 @@ def checked_decode(spec: LoadSpec, vae, samples: torch.Tensor, options: DecodeOp
             f"full-resolution features and the decoded pixels), but only {gib(free)} is free there.",
             "tiling on with a smaller tile_size, slicing on, or a smaller latent",
         )
-    if patch_group is None:
-        return decode(spec.model_family, vae, samples, options)
-    from .parallel.vae_patch import patch_parallel_decode
-
     return decode(spec.model_family, vae, samples, options,
-                  vae_decode=lambda z: patch_parallel_decode(vae, z, patch_group))
+                  vae_decode=None if split is None else (lambda z: split.decode(vae, z)))
 
 
 class LocalExecutor(Executor):
@@ -145,6 +139,7 @@ class LocalExecutor(Executor):
                                       callback_on_step_end=run.step_end, return_dict=False)[0]
             with report.stage("to_latent"), torch.inference_mode():
                 latent = self.family.output_to_latent(run.pipeline, output, request)
+            report.section("schedule").update(self.family.schedule_facts(run.pipeline, request))
         if latent.is_inference() and not torch.is_inference_mode_enabled():
             latent = latent.clone()  # callers outside inference mode get an ordinary tensor they may modify
         log.info("Omni Accel: %s, %d steps, %s transformer calls, %.2f s", self.spec.name, request.steps,
@@ -159,6 +154,6 @@ class LocalExecutor(Executor):
             if self.state.placement is not None:
                 self.state.placement.idle()  # a placement that keeps the VAE off the device between uses
 
-    def decode(self, samples: torch.Tensor, options: DecodeOptions, patch_group=None) -> torch.Tensor:
+    def decode(self, samples: torch.Tensor, options: DecodeOptions, split=None) -> torch.Tensor:
         with self.vae() as vae:
-            return checked_decode(self.spec, vae, samples, options, self.memory, patch_group)
+            return checked_decode(self.spec, vae, samples, options, self.memory, split)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .conditioning import raw_reference_latents
+from .errors import InvalidInput
 from .settings import check_settings, setting, settings_of
 
 MAX_SEED = 2**64 - 1
@@ -57,8 +58,18 @@ class GenerationRequest:
         float, -1.0, "Wan 2.2: guidance of the low-noise expert (guidance_scale_2); -1 = same as cfg. Other "
         "families ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True)
 
+    flow_shift: float = setting(
+        float, -1.0, "Shift of the flow-matching noise schedule (higher: more steps at high noise); -1 = the "
+        "model's own (Qwen-Image and Flux.1-dev: from the image size; Z-Image 3; Wan: its scheduler's "
+        "flow_shift, 3 for 480p and 5 for 720p in the releases).", min=-1.0, max=100.0, step=0.1, round=0.01,
+        optional=True, valid="-1 (the model's own) or above 0")
+    boundary_ratio: float = setting(
+        float, -1.0, "Wan 2.2: the point of the schedule (timestep / 1000) below which the low-noise expert takes "
+        "the steps; -1 = the model's own (0.875 for text-to-video). Other families ignore it.", min=-1.0,
+        max=1.0, step=0.005, round=0.001, optional=True, valid="-1 (the model's own) or 0 to 1")
+
     # The family inputs that are plain values (images are counted, not listed).
-    VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2")
+    VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2", "boundary_ratio")
 
     def is_given(self, name: str) -> bool:
         """Whether the user set this input away from its declared default."""
@@ -89,6 +100,12 @@ class GenerationRequest:
         """Checks that hold for every family (the declared ranges); family-specific ones live in the family
         module."""
         check_settings(self)
+        if self.flow_shift != -1 and self.flow_shift <= 0:
+            raise InvalidInput("flow_shift", f"{self.flow_shift}: a shift must be above 0.",
+                               "-1 (the model's own) or above 0")
+        if self.boundary_ratio != -1 and not 0 <= self.boundary_ratio <= 1:
+            raise InvalidInput("boundary_ratio", f"{self.boundary_ratio} is not a point of the schedule.",
+                               "-1 (the model's own) or 0 to 1")
 
     def cpu_generator(self) -> torch.Generator:
         """Noise comes from a CPU generator, as in ComfyUI, so a seed gives the same picture on any device."""

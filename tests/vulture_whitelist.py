@@ -48,3 +48,5 @@ _._partition_linear_fn
 _._apply
 # cache-dit's context-parallel hooks read it (omni_core/parallel/cpu_ring.uneven_split)
 _.ulysses_anything
+# aiohttp calls the route handlers ComfyUI's server registers (nodes/host.py)
+_.family_of_model

@@ -1,6 +1,7 @@
 // Shows the Sampler's run summary (what ran, what each accelerator skipped) on the node after each run.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
+import { api } from "../../scripts/api.js";
 
 const SUMMARY_WIDGET = "run_summary";
 
@@ -85,5 +86,90 @@ app.registerExtension({
       followInput(this);  // a loaded workflow: its links are in the graph already
       return result;
     };
+  },
+});
+
+// The Sampler shows the family inputs (num_frames, guidance, cfg_2, boundary_ratio) that the model its pipe comes
+// from uses, and hides the others: the Omni Loader upstream (through the acceleration nodes' `pipe` inputs)
+// names the model, and GET /omni_accel/family says its family's inputs. Hidden widgets keep their values and
+// are saved and sent as before (the backend notes an ignored one), so workflows and API prompts are unchanged.
+// A node's saved size is kept when a workflow loads; it is fitted when the model or the link changes.
+const familyAnswers = new Map();
+
+function familyOf(model) {
+  if (!familyAnswers.has(model)) {
+    familyAnswers.set(model, api.fetchApi(`/omni_accel/family?model=${encodeURIComponent(model)}`)
+      .then((response) => (response.ok ? response.json() : null)).catch(() => null));
+  }
+  return familyAnswers.get(model);
+}
+
+function loaderOf(node) {
+  const seen = new Set();
+  let current = node;
+  while (current && !seen.has(current.id)) {
+    seen.add(current.id);
+    if (current.type === "OmniLoader") return current;
+    const link = linkOf(current.graph, current.inputs?.find((slot) => slot.name === "pipe")?.link);
+    current = link ? current.graph.getNodeById(link.origin_id) : null;
+  }
+  return null;
+}
+
+async function showFamilyInputs(sampler, fit) {
+  const model = loaderOf(sampler)?.widgets?.find((w) => w.name === "model")?.value;
+  const family = model ? await familyOf(model) : null;
+  let changed = false;
+  for (const widget of sampler.widgets ?? []) {
+    if (!family?.family_inputs?.includes(widget.name)) continue;
+    const hidden = !family.uses.includes(widget.name);
+    changed ||= Boolean(widget.hidden) !== hidden;
+    widget.hidden = hidden;
+  }
+  sampler.omniFamily = family?.family ?? null;
+  if (changed && fit) sampler.setSize([sampler.size[0], sampler.computeSize()[1]]);
+  sampler.setDirtyCanvas?.(true, true);
+}
+
+function samplersFed(graph) {
+  return (graph?._nodes ?? graph?.nodes ?? []).filter((node) => node.type === "OmniSampler");
+}
+
+app.registerExtension({
+  name: "OmniAccel.SamplerShowsFamilyInputs",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === "OmniSampler") {
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function (side, slot) {
+        const result = onConnectionsChange?.apply(this, arguments);
+        if (side === LiteGraph.INPUT && this.inputs?.[slot]?.name === "pipe" && !this.omniLoading) showFamilyInputs(this, true);
+        return result;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const result = onConfigure?.apply(this, arguments);
+        this.omniLoading = true;  // the graph's links arrive with it: look once it is in place
+        setTimeout(() => { this.omniLoading = false; showFamilyInputs(this, false); }, 0);
+        return result;
+      };
+    }
+    if (nodeData.name === "OmniLoader") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const result = onNodeCreated?.apply(this, arguments);
+        const widget = this.widgets?.find((w) => w.name === "model");
+        const callback = widget?.callback;
+        if (widget) {
+          widget.callback = (...args) => {
+            const answer = callback?.apply(widget, args);
+            for (const sampler of samplersFed(this.graph)) {
+              if (loaderOf(sampler) === this) showFamilyInputs(sampler, true);
+            }
+            return answer;
+          };
+        }
+        return result;
+      };
+    }
   },
 });

@@ -15,6 +15,7 @@ import torch
 from ..conditioning import pipeline_prompt_arguments, raw_reference_latents
 from ..errors import InvalidInput
 from ..request import GenerationRequest
+from ..schedule import own_shift, scheduled_pipeline
 from ..source import ModelSource
 from .facts import (
     FINAL, NORM, NativeBlocks, PrecisionSensitive, SingleFile, StepSignal,
@@ -26,6 +27,7 @@ _WHY_IGNORED = {
     "num_frames": "make still images (num_frames is for video models)",
     "guidance": "have no distilled guidance embedding (Flux dev only)",
     "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
+    "boundary_ratio": "have one transformer (boundary_ratio is where Wan 2.2 hands steps to its second expert)",
 }
 
 # Pipeline components that encode the prompt (or input images), in the order pipelines use them.
@@ -130,6 +132,10 @@ class ModelFamily:
                     f"multiples of {multiple}, e.g. {lower} or {lower + multiple}",
                 )
 
+    def inputs_used(self, source: ModelSource) -> frozenset[str]:
+        """The Sampler's family inputs this model uses (what the editor shows for it)."""
+        return self.uses
+
     def ignored_input_notes(self, request: GenerationRequest) -> list[str]:
         return [
             f"{name} ignored: {self.name} models {_WHY_IGNORED[name]}"
@@ -146,8 +152,23 @@ class ModelFamily:
         return 0, 0
 
     def run_pipeline(self, pipeline, request: GenerationRequest):
-        """The pipeline whose loop a run calls: the loaded one, or another over the same modules."""
+        """The pipeline whose loop a run calls: the loaded one, or another over the same modules (another loop,
+        or the request's flow_shift / boundary_ratio)."""
+        return scheduled_pipeline(self.loop_pipeline(pipeline, request), request.flow_shift,
+                                  self.pipeline_settings(pipeline, request))
+
+    def loop_pipeline(self, pipeline, request: GenerationRequest):
+        """The pipeline class whose loop runs the request (the loaded one unless the family says otherwise)."""
         return pipeline
+
+    def pipeline_settings(self, pipeline, request: GenerationRequest) -> dict:
+        """Pipeline settings the request overrides for its run."""
+        return {}
+
+    def schedule_facts(self, pipeline, request: GenerationRequest) -> dict:
+        """The run's noise schedule, for the report (after the run: the scheduler holds its sigmas)."""
+        shift = request.flow_shift if request.flow_shift != -1 else f"the model's own: {own_shift(pipeline.scheduler)}"
+        return {"flow_shift": shift, "sigmas": [round(float(s), 6) for s in pipeline.scheduler.sigmas]}
 
     def run_entries(self, source: ModelSource, request: GenerationRequest) -> tuple:
         """What the request itself adds to a run, applied like the recipe's run-time entries."""

@@ -106,6 +106,9 @@ class FluxFamily(ModelFamily):
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)
 
+    def inputs_used(self, source: ModelSource) -> frozenset[str]:
+        return self.uses if source.component_config("transformer").get("guidance_embeds") else frozenset()
+
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         notes = []
         if not pipeline.transformer.config.guidance_embeds and request.is_given("guidance"):

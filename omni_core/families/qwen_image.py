@@ -216,7 +216,7 @@ class QwenImageEditFamily(QwenImageFamily):
     def _input_images(self, source: ModelSource, request: GenerationRequest) -> list:
         return list(request.images) if self._is_plus(source) else list(request.images[:1])
 
-    def run_pipeline(self, pipeline, request: GenerationRequest):
+    def loop_pipeline(self, pipeline, request: GenerationRequest):
         if not self._edits_from_conditioning(request):
             return pipeline
         # The edit pipelines encode their images themselves and take no latents: the text-to-image loop over the

@@ -102,7 +102,7 @@ class WanFamily(ModelFamily):
         "guidance_scale: above 1 runs CFG with the negative prompt (two transformer passes per step); "
         "Wan 2.2's low-noise expert uses `cfg_2` (negative = same as cfg)"
     )
-    uses = frozenset({"num_frames", "cfg_2"})
+    uses = frozenset({"num_frames", "cfg_2", "boundary_ratio"})
     denoiser_attrs = ("transformer", "transformer_2")
     batch_argument = "num_videos_per_prompt"
     video = True
@@ -152,11 +152,30 @@ class WanFamily(ModelFamily):
         high = int((scheduler.timesteps >= boundary * scheduler.config.num_train_timesteps).sum())
         return {"transformer": high, "transformer_2": request.steps - high}
 
+    def inputs_used(self, source: ModelSource) -> frozenset[str]:
+        if source.has_component("transformer_2"):
+            return self.uses
+        return self.uses - {"cfg_2", "boundary_ratio"}  # Wan 2.1: one transformer
+
+    def pipeline_settings(self, pipeline, request: GenerationRequest) -> dict:
+        if request.boundary_ratio == -1 or pipeline.config.boundary_ratio is None:
+            return {}
+        return {"boundary_ratio": request.boundary_ratio}
+
+    def schedule_facts(self, pipeline, request: GenerationRequest) -> dict:
+        facts = super().schedule_facts(pipeline, request)
+        if pipeline.config.boundary_ratio is not None:
+            facts.update(boundary_ratio=pipeline.config.boundary_ratio,
+                         expert_steps=self.denoiser_steps(pipeline, request))
+        return facts
+
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         two_experts = pipeline.transformer_2 is not None and pipeline.config.boundary_ratio is not None
         notes = []
         if not two_experts and request.cfg_2 >= 0:
             notes.append("cfg_2 ignored: this is a single-transformer Wan model (2.1 layout)")
+        if not two_experts and request.is_given("boundary_ratio"):
+            notes.append("boundary_ratio ignored: this is a single-transformer Wan model (2.1 layout)")
         return {
             "guidance_scale": request.cfg,
             "guidance_scale_2": request.cfg_2 if two_experts and request.cfg_2 >= 0 else None,

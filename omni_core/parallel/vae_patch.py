@@ -73,10 +73,19 @@ def split_axis(z: torch.Tensor) -> int:
     return height_axis if z.shape[height_axis] >= z.shape[-1] else z.ndim - 1
 
 
-def band_share(latent: torch.Tensor, group) -> float:
-    """About what part of the whole decode one rank of `group` computes (its band with the halo)."""
-    rows = max(latent.shape[-2:])
-    return min(1.0, (-(-rows // dist.get_world_size(group)) + 2 * DEFAULT_HALO) / rows)
+@dataclass(frozen=True)
+class PatchSplit:
+    """A rank's part in the patch-parallel decodes of `group` (what the executor's decode is given)."""
+
+    group: object
+
+    def share(self, latent: torch.Tensor) -> float:
+        """About what part of the whole decode this rank computes (its band with the halo)."""
+        rows = max(latent.shape[-2:])
+        return min(1.0, (-(-rows // dist.get_world_size(self.group)) + 2 * DEFAULT_HALO) / rows)
+
+    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        return patch_parallel_decode(vae, z, self.group)
 
 
 def supports_patch_parallel(vae) -> str | None:

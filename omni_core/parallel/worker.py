@@ -79,7 +79,7 @@ class Rank:
     def __init__(self, channel: Channel, inbox: Inbox, rank: int):
         self.channel, self.inbox, self.rank = channel, inbox, rank
         self.cfg_wrappers = []
-        self.vae_group = None
+        self.vae_split = None
 
     def setup(self, setup: Setup, store=None) -> None:
         from .. import ModelStore, Variant
@@ -89,6 +89,7 @@ class Rank:
         from .cpu_ring import enable_cpu_ring
         from .hsdp import enable_hsdp, hsdp_blocks, local_parameter_bytes
         from .tensor_parallel import enable_tensor_parallel
+        from .vae_patch import PatchSplit
         from .sequence import enable_cache_dit_with_split, enable_sequence_parallel
 
         layout = setup.layout
@@ -142,7 +143,8 @@ class Rank:
             branch = mesh.get_coordinate()[1]
             self.cfg_wrappers = enable_cfg_parallel(pipeline, family, branch, mesh["cfg"].get_group())
         if layout.vae_patch_parallel_size > 1:  # every rank takes part in making the group
-            self.vae_group = dist.new_group(list(range(layout.vae_patch_parallel_size)))
+            group = dist.new_group(list(range(layout.vae_patch_parallel_size)))
+            self.vae_split = PatchSplit(group) if self.rank < layout.vae_patch_parallel_size else None
         held = sum(local_parameter_bytes(denoiser) for denoiser in denoisers)
         self.channel.send(Ready(self.rank, round(time.perf_counter() - start, 3), os.getpid(), denoiser_bytes=held))
 
@@ -206,7 +208,7 @@ class Rank:
                                tokens[0] if tokens else None, peak))
 
     def decode(self, message: DecodeRequest) -> None:
-        image = self.executor.decode(message.samples, message.options, self.vae_group)
+        image = self.executor.decode(message.samples, message.options, self.vae_split)
         self.channel.send(Decoded(message.run_id, image if self.rank == 0 else None))
 
 

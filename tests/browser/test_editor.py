@@ -112,6 +112,38 @@ def test_a_workflow_saved_before_the_cache_nodes_took_a_model_still_loads_and_co
     assert node["outputs"][0]["type"] == "OMNI_PIPE", "the output follows the OMNI_PIPE connected to it"
 
 
+FAMILY_INPUTS = {"num_frames", "guidance", "cfg_2", "boundary_ratio"}
+
+
+def _shown_after_family(page, node_id: int, family: str) -> set[str]:
+    """The Sampler's visible widgets once the editor has learnt its model's family."""
+    page.page.wait_for_function("([id, family]) => app.graph.getNodeById(id).omniFamily === family", arg=[node_id, family])
+    return set(page.page.evaluate("(id) => app.graph.getNodeById(id).widgets.filter(w => !w.hidden).map(w => w.name)",
+                                  node_id))
+
+
+def test_the_sampler_shows_the_inputs_its_models_family_uses(page):
+    """A Qwen-Image stack's Sampler shows no video or Flux inputs, a Wan 2.2 stack's its own, and choosing another
+    model in the Loader changes them; hidden inputs keep their values and convert as before."""
+    page.load_ui(_ui("qwen_image_teacache"), "qwen_image_teacache")  # Loader -> TeaCache -> Sampler
+    sampler = int(_sampler(_twin("qwen_image_teacache"))[0])
+    shown = _shown_after_family(page, sampler, "qwen-image")
+    assert not shown & FAMILY_INPUTS and {"prompt", "seed", "cfg", "flow_shift"} <= shown
+    assert page.to_prompt() == _twin("qwen_image_teacache")
+    page.load_ui(_ui("wan22"), "wan22")
+    sampler = int(_sampler(_twin("wan22"))[0])
+    assert _shown_after_family(page, sampler, "wan") & FAMILY_INPUTS == {"num_frames", "cfg_2", "boundary_ratio"}
+    page.page.evaluate("""() => {
+        const loader = app.graph._nodes.find((n) => n.type === "OmniLoader");
+        const model = loader.widgets.find((w) => w.name === "model");
+        model.value = "tiny-flux";
+        model.callback(model.value);
+    }""")
+    assert _shown_after_family(page, sampler, "flux") & FAMILY_INPUTS == {"guidance"}
+    converted = page.to_prompt()[str(sampler)]["inputs"]
+    assert converted["num_frames"] == _twin("wan22")[str(sampler)]["inputs"]["num_frames"], "hidden, still sent"
+
+
 def _output_type(page, node_id: int) -> str:
     return page.page.evaluate("(id) => app.graph.getNodeById(id).outputs[0].type", node_id)
 

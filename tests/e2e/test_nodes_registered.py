@@ -15,8 +15,8 @@ EXPECTED_INPUTS = {
     "OmniSampler": {
         "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
         "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT", "image": "IMAGE", "image_2": "IMAGE",
-        "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT",
-        "positive": "CONDITIONING", "negative": "CONDITIONING",
+        "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT", "boundary_ratio": "FLOAT",
+        "flow_shift": "FLOAT", "positive": "CONDITIONING", "negative": "CONDITIONING",
     },
     "OmniTeaCache": {
         "pipe": "OMNI_PIPE,MODEL", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
@@ -34,7 +34,8 @@ EXPECTED_INPUTS = {
     },
     "OmniParallelConfig": {
         "pipe": "OMNI_PIPE", "ulysses_degree": "INT", "ring_degree": "INT", "cfg_parallel_size": "INT", "backend": "COMBO",
-        "devices": "STRING", "ray_address": "STRING",
+        "devices": "STRING", "ray_address": "STRING", "tensor_parallel_size": "INT", "vae_patch_parallel_size": "INT",
+        "use_hsdp": "BOOLEAN", "hsdp_shard_size": "INT", "enable_expert_parallel": "BOOLEAN",
     },
     "OmniVAETiledDecode": {
         "pipe": "OMNI_PIPE", "latent": "LATENT", "tiling": "BOOLEAN", "tile_size": "INT", "tile_overlap": "INT",

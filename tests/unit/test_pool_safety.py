@@ -157,7 +157,7 @@ def test_a_cpu_pool_whose_ranks_weights_exceed_the_memory_is_refused_before_any_
     pipe = plain.with_accelerator(ParallelConfig(ulysses_degree=2))
     store = ModelStore(memory=_Memory(int(1.5 * weights)))  # one rank's copy fits, two do not
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with pytest.raises(InvalidInput, match=r"2 CPU ranks, each loading the whole model: about .* GiB each\), but only"):
+    with pytest.raises(InvalidInput, match=r"2 CPU ranks, each loading the whole model before any split: about .* GiB each\), but only"):
         generate(pipe, REQUEST, store)
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before, "no worker was started"
     assert store.held() == []

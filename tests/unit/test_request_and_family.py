@@ -75,11 +75,11 @@ def test_edit_automatic_size_follows_the_input_image(model_dirs):
     ("tiny-qwen-image", set()),
     ("tiny-qwen-image-edit", {"input_images"}),
     ("tiny-flux", {"guidance"}),
-    ("tiny-wan22", {"num_frames", "cfg_2"}),
+    ("tiny-wan22", {"num_frames", "cfg_2", "boundary_ratio"}),
 ])
 def test_report_shows_only_the_family_inputs_that_apply(model_dirs, model, family_inputs):
     family = family_for_source(ModelSource.open(model_dirs[model]))
     described = GenerationRequest(prompt="p", negative_prompt="n", num_frames=9, guidance=2.0).describe(family.uses)
-    common = {"seed", "steps", "cfg", "width", "height", "batch_size"}
+    common = {"seed", "steps", "cfg", "width", "height", "batch_size", "flow_shift"}
     assert set(described) == common | family_inputs
     assert described.get("num_frames", 9) == 9 and described.get("guidance", 2.0) == 2.0
