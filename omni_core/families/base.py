@@ -24,7 +24,7 @@ from .facts import (
 _WHY_IGNORED = {
     "images": "take no input image (only edit models do)",
     "num_frames": "make still images (num_frames is for video models)",
-    "guidance": "have no distilled guidance embedding (Flux dev only)",
+    "guidance": "have no distilled guidance embedding (Flux.1 dev and Flux.2 dev only)",
     "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
 }
 
