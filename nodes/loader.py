@@ -79,7 +79,8 @@ class OmniLoader(OmniNode):
             ),
             inputs=[
                 io.Combo.Input("model", options=model_choices(),
-                               tooltip="A diffusers pipeline folder (with model_index.json) under ComfyUI's models/diffusers, "
+                               tooltip="A diffusers pipeline folder (with model_index.json) under ComfyUI's models/diffusers "
+                                       "(also Flux.2 dev and klein), "
                                        "or a single-file diffusion model from models/diffusion_models (or models/unet): "
                                        "Qwen-Image, Z-Image, Flux.1, Wan 2.1/2.2, in ComfyUI's layout or diffusers', "
                                        ".safetensors (bf16, fp8, fp8_scaled, mixed) or .gguf."),

@@ -52,8 +52,8 @@ class GenerationRequest:
         int, 81, "Video families (Wan): frames to generate, 4k+1 (e.g. 81 = 5 s at 16 fps). Image families ignore "
         "it.", min=1, max=1025, step=4, optional=True)
     guidance: float = setting(
-        float, 3.5, "Flux (dev layout): distilled guidance embedded in the model, one transformer pass per step. "
-        "Other families ignore it.", min=0.0, max=100.0, step=0.1, round=0.01, optional=True)
+        float, 3.5, "Flux.1 and Flux.2 dev: distilled guidance embedded in the model, one transformer pass per "
+        "step. Other families ignore it.", min=0.0, max=100.0, step=0.1, round=0.01, optional=True)
     cfg_2: float = setting(
         float, -1.0, "Wan 2.2: guidance of the low-noise expert (guidance_scale_2); -1 = same as cfg. Other "
         "families ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True)

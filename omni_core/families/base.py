@@ -25,7 +25,7 @@ from .facts import (
 _WHY_IGNORED = {
     "images": "take no input image (only edit models do)",
     "num_frames": "make still images (num_frames is for video models)",
-    "guidance": "have no distilled guidance embedding (Flux dev only)",
+    "guidance": "have no distilled guidance embedding (Flux.1 dev and Flux.2 dev only)",
     "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
     "boundary_ratio": "have one transformer (boundary_ratio is where Wan 2.2 hands steps to its second expert)",
 }
@@ -80,6 +80,8 @@ class ModelFamily:
     native: ClassVar[NativeBlocks | None] = None
     # Whether the cache-dit library has a block adapter for this family's transformer.
     cache_dit: ClassVar[bool] = True
+    # Why Parallel Config does not run this family at all (None: it does, method by method).
+    parallel_problem: ClassVar[str | None] = None
     # Transformer modules that must keep full precision (matched on qualified names).
     precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
     # Whether its CONDITIONING may carry reference images' latents (ReferenceLatent, an edit text encode node

@@ -130,6 +130,8 @@ class ParallelConfig(ExecutionLayout):
     def check_model(self, spec) -> None:
         family = spec.model_family
         source = spec.source
+        if family.parallel_problem:
+            raise IncompatibleStack(f"Parallel Config: {family.name} models: {family.parallel_problem}")
         on_gpu = spec.device.startswith("cuda")
         if on_gpu:
             visible = torch.cuda.device_count()

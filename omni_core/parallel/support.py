@@ -47,6 +47,8 @@ def vae_patch_problem(family: ModelFamily, source=None) -> str | None:
 
 def method_problems(family: ModelFamily) -> dict[str, str | None]:
     """Method -> None where the family supports it, else the reason."""
+    if family.parallel_problem:
+        return {method: NO_EXPERTS if method == "Expert" else family.parallel_problem for method in METHODS}
     sequence = None  # cache-dit has a context-parallel plan for every family's transformer
     return {
         "Ulysses": sequence,

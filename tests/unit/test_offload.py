@@ -22,7 +22,8 @@ from omni_core.quant.fp8 import FP8Quantize
 from tests.helpers import tiny_pipe
 
 DEEP = "deep-qwen-image"
-FAMILIES = {DEEP: {}, "tiny-qwen-image": {}, "tiny-flux": {}, "tiny-wan22": dict(num_frames=5), "tiny-z-image": {}}
+FAMILIES = {DEEP: {}, "tiny-qwen-image": {}, "tiny-flux": {}, "tiny-wan22": dict(num_frames=5), "tiny-z-image": {},
+            "tiny-flux2-klein": {}}
 REQUEST = dict(prompt="a red circle", negative_prompt="blurry", seed=1, steps=5, cfg=4.0, width=32, height=32)
 
 

@@ -76,6 +76,8 @@ def test_edit_automatic_size_follows_the_input_image(model_dirs):
     ("tiny-qwen-image-edit", {"input_images"}),
     ("tiny-flux", {"guidance"}),
     ("tiny-wan22", {"num_frames", "cfg_2", "boundary_ratio"}),
+    ("tiny-flux2", {"guidance"}),
+    ("tiny-flux2-klein", set()),
 ])
 def test_report_shows_only_the_family_inputs_that_apply(model_dirs, model, family_inputs):
     family = family_for_source(ModelSource.open(model_dirs[model]))
@@ -83,3 +85,16 @@ def test_report_shows_only_the_family_inputs_that_apply(model_dirs, model, famil
     common = {"seed", "steps", "cfg", "width", "height", "batch_size", "flow_shift"}
     assert set(described) == common | family_inputs
     assert described.get("num_frames", 9) == 9 and described.get("guidance", 2.0) == 2.0
+
+
+@pytest.mark.parametrize("model, family_name, pipeline_class", [
+    ("tiny-flux2", "flux2", "Flux2Pipeline"), ("tiny-flux2-klein", "flux2-klein", "Flux2KleinPipeline")])
+def test_flux2_families_are_found_and_sized(model_dirs, model, family_name, pipeline_class):
+    source = ModelSource.open(model_dirs[model])
+    family = family_for_source(source)
+    assert family.name == family_name and pipeline_class in supported_pipeline_classes()
+    # The tiny AutoencoderKLFlux2 downsamples 8x, times the pipelines' 2x2 patchify: 16.
+    assert family.size_multiple(source) == 16 and family.block_count(source) == 3
+    assert family.image_tokens(source, GenerationRequest(prompt="x", width=64, height=32)) == 8
+    with pytest.raises(InvalidInput, match=r"^width: 40 is not a multiple of 16"):
+        family.check_request(source, GenerationRequest(prompt="x", width=40, height=32))

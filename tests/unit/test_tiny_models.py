@@ -28,3 +28,9 @@ def test_builds_are_deterministic(tmp_path, model_dirs):
     assert _digest(rebuilt) == _digest(model_dirs["tiny-qwen-image"])
     assert (rebuilt / "model_index.json").is_file()
     assert {p.parent.name for p in rebuilt.glob("*/*.safetensors")} == {"text_encoder", "transformer", "vae"}
+
+
+def test_flux2_builds_are_deterministic(tmp_path, model_dirs):
+    for name in ("tiny-flux2", "tiny-flux2-klein"):
+        rebuilt = build_model(name, tmp_path, force=True)
+        assert _digest(rebuilt) == _digest(model_dirs[name]), name

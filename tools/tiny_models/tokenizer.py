@@ -8,9 +8,12 @@ template prefix tokenizes to exactly 34 tokens, as with the real tokenizer.
 from __future__ import annotations
 
 import json
+import string
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+from transformers import (
+    CLIPTokenizer, LlamaTokenizer, PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer, T5Tokenizer,
+)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 QWEN_IMAGE_TEMPLATE = (
@@ -101,3 +104,35 @@ def build_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'-()"))
     pieces += [(c, -9.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
     return T5Tokenizer(vocab=pieces, extra_ids=8, model_max_length=model_max_length)
+
+
+# A Mistral-Small-3.x style chat template, enough for Flux2Pipeline.format_input: a system and a user message whose
+# content is a list of parts.
+PIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[INST]{% endif %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% elif part['type'] == 'image' %}"
+    "[IMG]{% endif %}{% endfor %}"
+    "{% if message['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[/INST]"
+    "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_pixtral_processor(model_max_length: int = 512) -> PixtralProcessor:
+    """Flux2Pipeline's `tokenizer` (a PixtralProcessor): a character vocabulary with byte fallback (every character
+    is a token, anything else falls back to its bytes) and Mistral's special tokens."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for ch in ["\u2581", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
+        vocab.setdefault(ch, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, unk_token="<unk>",
+                               bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=False,
+                               add_prefix_space=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16,
+                            spatial_merge_size=2, chat_template=PIXTRAL_CHAT_TEMPLATE)
