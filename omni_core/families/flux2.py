@@ -147,7 +147,7 @@ class Flux2KleinFamily(_Flux2Base):
             return {"guidance_scale": request.cfg}, [f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}"]
         return {"guidance_scale": request.cfg}, []
 
-    def run_pipeline(self, pipeline, request: GenerationRequest):
+    def loop_pipeline(self, pipeline, request: GenerationRequest):
         if not self._cfg_runs(pipeline, request):
             return pipeline
         run = _KleinWithNegativePrompt(**pipeline.components, is_distilled=pipeline.config.is_distilled)

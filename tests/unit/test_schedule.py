@@ -106,3 +106,14 @@ def test_families_that_ignore_an_input_say_so_and_bad_values_are_refused(model_d
                                  ("boundary_ratio", -0.5, "is not a point of the schedule")):
         with pytest.raises(InvalidInput, match=f"^{name}: .*{message}"):
             GenerationRequest(**{**REQUEST.__dict__, name: value}).check()
+
+
+def test_flow_shift_reaches_a_family_with_its_own_loop(model_dirs):
+    """Flux.2 klein with CFG runs its own pipeline subclass (the user's negative prompt); the shift applies to it."""
+    request = GenerationRequest(**{**REQUEST.__dict__, "steps": 3, "flow_shift": 2.0})
+    report = generate(cpu_pipe(model_dirs, "tiny-flux2-klein"), request, ModelStore()).report
+    scheduler = DiffusionPipeline.from_pretrained(model_dirs["tiny-flux2-klein"], local_files_only=True).scheduler
+    expected = shifted_scheduler(scheduler, 2.0)
+    expected.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3))
+    assert report.sections["schedule"]["flow_shift"] == 2.0
+    assert np.allclose(report.sections["schedule"]["sigmas"], expected.sigmas.numpy(), atol=1e-6)
