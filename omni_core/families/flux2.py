@@ -97,17 +97,21 @@ class Flux2Family(_Flux2Base):
     uses = frozenset({"guidance"})
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
-        notes = []
-        if request.cfg != 1:
-            notes.append(f"cfg {request.cfg} ignored: flux2 (dev) models have no true CFG; the distilled guidance "
-                         "embedding is the guidance input")
-        if request.negative_prompt:
-            notes.append("negative_prompt ignored: flux2 (dev) models have no true CFG")
+        notes = _cfg_ignored(request, "flux2 (dev) models have no true CFG",
+                             "; the distilled guidance embedding is the guidance input")
         return {"guidance_scale": request.guidance}, notes
 
     def pipeline_call(self, pipeline, request: GenerationRequest) -> PipelineCall:
         guidance, notes = self.guidance(pipeline, request)
         return self._call(request, guidance, notes, 1)
+
+
+def _cfg_ignored(request: GenerationRequest, why: str, cfg_detail: str) -> list[str]:
+    """The notes for a model that runs no true CFG: cfg and the negative prompt are ignored."""
+    notes = [f"cfg {request.cfg} ignored: {why}{cfg_detail}"] if request.cfg != 1 else []
+    if request.negative_prompt:
+        notes.append(f"negative_prompt ignored: {why}")
+    return notes
 
 
 class _KleinWithNegativePrompt(diffusers.Flux2KleinPipeline):
@@ -136,12 +140,8 @@ class Flux2KleinFamily(_Flux2Base):
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         if pipeline.config.is_distilled:
-            notes = []
-            if request.cfg != 1:
-                notes.append(f"cfg {request.cfg} ignored: this flux2-klein model is distilled (is_distilled), "
-                             "guidance does not apply")
-            if request.negative_prompt:
-                notes.append("negative_prompt ignored: this flux2-klein model is distilled (is_distilled)")
+            notes = _cfg_ignored(request, "this flux2-klein model is distilled (is_distilled)",
+                                 ", guidance does not apply")
             return {"guidance_scale": 1.0}, notes
         if request.cfg <= 1 and request.negative_prompt:
             return {"guidance_scale": request.cfg}, [f"negative_prompt ignored: cfg <= 1 turns CFG off for {self.name}"]
