@@ -80,8 +80,9 @@ class ModelFamily:
     native: ClassVar[NativeBlocks | None] = None
     # Whether the cache-dit library has a block adapter for this family's transformer.
     cache_dit: ClassVar[bool] = True
-    # Why Parallel Config does not run this family at all (None: it does, method by method).
-    parallel_problem: ClassVar[str | None] = None
+    # Whether `cfg` runs true CFG (a negative-prompt branch: what CFG parallel splits); distilled-guidance-only
+    # models run one branch.
+    true_cfg: ClassVar[bool] = True
     # Transformer modules that must keep full precision (matched on qualified names).
     precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
     # Whether its CONDITIONING may carry reference images' latents (ReferenceLatent, an edit text encode node

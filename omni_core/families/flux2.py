@@ -50,9 +50,6 @@ class _Flux2Base(ModelFamily):
     step_signal = None  # no published TeaCache table (and calibration needs a signal to record)
     cache_dit = True  # cache-dit 1.5.3's flux adapter lists Flux2Transformer2DModel (measured on dev and klein)
     precision_sensitive = _FLUX2_PRECISION_SENSITIVE
-    # Flux2Transformer2DModel has no tensor-parallel plan or HSDP block lists here, AutoencoderKLFlux2 no patch-parallel
-    # decode, and dev's single call per step leaves CFG parallel nothing to split.
-    parallel_problem = "not supported for Flux.2 yet (no plans written or checked for its transformer and VAE)"
 
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)
@@ -95,6 +92,7 @@ class Flux2Family(_Flux2Base):
     cfg_meaning = ("ignored: FLUX.2 dev has no true CFG (one transformer pass per step); its distilled guidance "
                    "is the `guidance` input")
     uses = frozenset({"guidance"})
+    true_cfg = False
 
     def guidance(self, pipeline, request: GenerationRequest) -> tuple[dict, list[str]]:
         notes = _cfg_ignored(request, "flux2 (dev) models have no true CFG",

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 BLOCK_LISTS = {
     "QwenImageTransformer2DModel": ("transformer_blocks",),
     "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "Flux2Transformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
     "WanTransformer3DModel": ("blocks",),
     "ZImageTransformer2DModel": ("noise_refiner", "context_refiner", "layers"),
 }

@@ -130,8 +130,6 @@ class ParallelConfig(ExecutionLayout):
     def check_model(self, spec) -> None:
         family = spec.model_family
         source = spec.source
-        if family.parallel_problem:
-            raise IncompatibleStack(f"Parallel Config: {family.name} models: {family.parallel_problem}")
         on_gpu = spec.device.startswith("cuda")
         if on_gpu:
             visible = torch.cuda.device_count()
@@ -160,9 +158,10 @@ class ParallelConfig(ExecutionLayout):
                 raise InvalidInput(name, f"'{spec.name}' has {heads} attention heads, which {degree} {what} ranks "
                                    "cannot split evenly.",
                                    f"a divisor of {heads}: " + ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0))
-        from .support import hsdp_problem, tensor_parallel_problem, vae_patch_problem
+        from .support import cfg_parallel_problem, hsdp_problem, tensor_parallel_problem, vae_patch_problem
 
         problems = {
+            "cfg_parallel_size": self.cfg_parallel_size == 2 and cfg_parallel_problem(family),
             "tensor_parallel_size": self.tensor_parallel_size > 1 and tensor_parallel_problem(family, source),
             "use_hsdp": self.use_hsdp and hsdp_problem(family, source),
             "vae_patch_parallel_size": self.vae_patch_parallel_size > 1 and vae_patch_problem(family, source),

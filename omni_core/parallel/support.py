@@ -45,15 +45,19 @@ def vae_patch_problem(family: ModelFamily, source=None) -> str | None:
     return None
 
 
+def cfg_parallel_problem(family: ModelFamily) -> str | None:
+    if not family.true_cfg:
+        return "no negative-prompt branch to split (distilled guidance only, one transformer pass per step)"
+    return None
+
+
 def method_problems(family: ModelFamily) -> dict[str, str | None]:
     """Method -> None where the family supports it, else the reason."""
-    if family.parallel_problem:
-        return {method: NO_EXPERTS if method == "Expert" else family.parallel_problem for method in METHODS}
     sequence = None  # cache-dit has a context-parallel plan for every family's transformer
     return {
         "Ulysses": sequence,
         "Ring": sequence,
-        "CFG": None,  # every family runs true CFG with a negative prompt
+        "CFG": cfg_parallel_problem(family),
         "Tensor parallel": tensor_parallel_problem(family),
         "VAE patch": vae_patch_problem(family),
         "Expert": NO_EXPERTS,

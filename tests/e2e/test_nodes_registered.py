@@ -196,5 +196,16 @@ def test_memory_nodes_defaults_follow_the_issues(comfy):
     parallel = _inputs(comfy.get_json("/object_info/OmniParallelConfig")["OmniParallelConfig"])
     defaults = {name: spec[1]["default"] for name, spec in parallel.items() if name != "pipe"}
     assert defaults == {"ulysses_degree": 1, "ring_degree": 1, "cfg_parallel_size": 1, "backend": "auto",
-                        "devices": "", "ray_address": ""}
+                        "devices": "", "ray_address": "", "tensor_parallel_size": 1, "vae_patch_parallel_size": 1,
+                        "use_hsdp": False, "hsdp_shard_size": 0, "enable_expert_parallel": False}
     assert _options(parallel["backend"]) == ["auto", "nccl", "gloo"] and parallel["cfg_parallel_size"][1]["max"] == 2
+
+
+def test_the_family_route_says_which_sampler_inputs_a_model_uses(comfy):
+    """What the editor asks before it hides the Sampler inputs a model does not use (web/omni_accel.js)."""
+    answers = {model: comfy.get_json(f"/omni_accel/family?model={model}")
+               for model in ("tiny-wan22", "tiny-wan21", "tiny-flux", "tiny-flux-schnell", "tiny-qwen-image")}
+    assert answers["tiny-wan22"] == {"family": "wan", "uses": ["boundary_ratio", "cfg_2", "num_frames"],
+                                     "family_inputs": ["num_frames", "guidance", "cfg_2", "boundary_ratio"]}
+    assert answers["tiny-wan21"]["uses"] == ["num_frames"] and answers["tiny-flux"]["uses"] == ["guidance"]
+    assert answers["tiny-flux-schnell"]["uses"] == [] == answers["tiny-qwen-image"]["uses"]

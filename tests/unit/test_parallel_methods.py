@@ -213,3 +213,15 @@ def test_recipe_d_runs_on_eight_ranks_where_they_are_allowed(model_dirs, monkeyp
     _close(result, single)
     assert result.report.sections["parallel"]["tokens_per_rank"] == [6] * 8  # 3 latent frames x 4 x 4 patches / 8
     assert picture.shape == whole.shape and (picture - whole).abs().max().item() <= 1 / 255
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, settings", [
+    ("tiny-flux2", dict(ulysses_degree=2)), ("tiny-flux2", dict(ring_degree=2)),
+    ("tiny-flux2", dict(use_hsdp=True, hsdp_shard_size=2)), ("tiny-flux2-klein", dict(cfg_parallel_size=2)),
+], ids=["dev-ulysses2", "dev-ring2", "dev-hsdp2", "klein-cfg2"])
+def test_flux2_layouts_give_the_single_process_latent(model_dirs, model, settings):
+    pipe = cpu_pipe(model_dirs, model)
+    request = GenerationRequest(**{**REQUEST.__dict__, "cfg": 4.0 if "klein" in model else 1.0})
+    single = generate(pipe, request, ModelStore())
+    _close(_run(pipe, ParallelConfig(**settings), request), single)

@@ -25,18 +25,27 @@ def test_every_family_takes_every_method_but_expert_parallel():
         problems = method_problems(family)
         assert list(problems) == list(METHODS)
         assert problems["Expert"] == NO_EXPERTS
-        if family.name.startswith("flux2"):  # not yet: every method refused with the family's reason
-            assert {p for m, p in problems.items() if m != "Expert"} == {family.parallel_problem}, family.name
+        refused = {m for m, p in problems.items() if p}
+        if family.name.startswith("flux2"):  # no tensor-parallel plan or patch-parallel VAE for Flux.2 yet
+            assert refused == {"Expert", "Tensor parallel", "VAE patch"} | ({"CFG"} if family.name == "flux2" else set())
         else:
-            assert [m for m, p in problems.items() if p] == ["Expert"], family.name
+            assert refused == {"Expert"}, family.name
 
 
-@pytest.mark.parametrize("model", ["tiny-flux2", "tiny-flux2-klein"])
-def test_flux2_is_refused_by_parallel_config(model_dirs, model):
+def test_flux2_is_refused_where_a_method_has_no_plan(model_dirs):
     from tests.helpers import tiny_pipe
 
-    with pytest.raises(IncompatibleStack, match=r"^Parallel Config: flux2(-klein)? models: not supported for Flux.2 yet"):
-        tiny_pipe(model_dirs, model).with_accelerator(ParallelConfig(ulysses_degree=2))
+    dev, klein = tiny_pipe(model_dirs, "tiny-flux2"), tiny_pipe(model_dirs, "tiny-flux2-klein")
+    with pytest.raises(IncompatibleStack, match=r"^Parallel Config: cfg_parallel_size: no negative-prompt branch"):
+        dev.with_accelerator(ParallelConfig(cfg_parallel_size=2))
+    with pytest.raises(IncompatibleStack, match=r"tensor_parallel_size: no tensor-parallel plan for Flux2Transformer2DModel"):
+        klein.with_accelerator(ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(IncompatibleStack, match=r"vae_patch_parallel_size: AutoencoderKLFlux2 has no patch-parallel"):
+        klein.with_accelerator(ParallelConfig(vae_patch_parallel_size=2))
+    for layout in (ParallelConfig(ulysses_degree=2), ParallelConfig(ring_degree=2),
+                   ParallelConfig(use_hsdp=True, hsdp_shard_size=2)):
+        assert dev.with_accelerator(layout).recipe == (layout,)
+    assert klein.with_accelerator(ParallelConfig(cfg_parallel_size=2)).recipe
 
 
 def test_a_family_without_a_plan_is_refused_with_the_tables_reason(model_dirs, monkeypatch):
