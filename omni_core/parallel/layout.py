@@ -69,20 +69,21 @@ class ParallelConfig(ExecutionLayout):
         "processes on this machine. Needs the ray package.", parse=str.strip)
     tensor_parallel_size: int = setting(
         int, 1, "Tensor parallel: ranks that split the DiT's attention and feed-forward weights (each holds about "
-        "1/N of the DiT; an all-reduce after each split layer). Must divide the attention heads.", min=1, max=64)
+        "1/N of the DiT; an all-reduce after each split layer). Must divide the attention heads.", min=1, max=64, optional=True)
     vae_patch_parallel_size: int = setting(
         int, 1, "VAE patch parallel: ranks that decode one spatial band of the picture each (with the overlap the "
         "decoder needs; equal to the whole decode, in place of tiling), gathered on the first. At most the "
-        "layout's ranks; alone, it sets them.", min=1, max=64)
+        "layout's ranks; alone, it sets them.", min=1, max=64, optional=True)
     use_hsdp: bool = setting(
         bool, False, "HSDP: shard the DiT's weights over ranks with FSDP2, each block gathered just before it runs "
-        "(about 1/N of the DiT per rank; exact). Composes with Ulysses and Ring.")
+        "(about 1/N of the DiT per rank; exact). Composes with Ulysses and Ring.", optional=True)
     hsdp_shard_size: int = setting(
         int, 0, "Ranks sharing one copy of the weights under HSDP; 0 = every rank of the layout. With no other "
-        "parallelism it sets the ranks (each runs the same request).", min=0, max=64)
+        "parallelism it sets the ranks (each runs the same request).", min=0, max=64, optional=True)
     enable_expert_parallel: bool = setting(
         bool, False, "Expert parallel: for mixture-of-experts DiTs that route tokens to experts. None of the "
-        "supported families does (Wan 2.2's two experts take whole steps), so it is refused.")
+        "supported families does (Wan 2.2's two experts take whole steps), so it is refused.", optional=True)
+    # (The inputs above from tensor_parallel_size on came later: optional, so prompts saved before them still run.)
     # Set in the variant key when the stack has Cache-DiT and splits the sequence: cache-dit then enables its
     # cache together with the split when the workers load (its hooks must be set up in that order).
     cache_dit_at_load: bool = False
