@@ -114,9 +114,12 @@ def enable_cpu_ring() -> None:
 
 
 @contextmanager
-def uneven_split() -> Iterator[None]:
-    """cache-dit's context-parallel configs made inside split the tokens unevenly (any prompt length), which it
-    allows for Ulysses only; the CPU ring takes uneven blocks."""
+def uneven_split(ring: int, device: torch.device) -> Iterator[None]:
+    """With a ring on CPU ranks, cache-dit's context-parallel configs made inside split the tokens unevenly (any
+    prompt length), which it allows for Ulysses only; the CPU ring takes uneven blocks. Elsewhere: no change."""
+    if ring == 1 or device.type != "cpu":
+        yield
+        return
     from cache_dit.distributed.core._modeling_parallel import _ContextParallelConfig
 
     checked = _ContextParallelConfig.__post_init__

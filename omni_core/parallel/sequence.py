@@ -9,7 +9,6 @@ the ranks that share this transformer's tokens, so a CFG-parallel layout can hol
 from __future__ import annotations
 
 import types
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ def enable_sequence_parallel(transformer: torch.nn.Module, ulysses: int, ring: i
     anything = ring == 1
     config = ParallelismConfig(ulysses_size=ulysses if ulysses > 1 else None, ring_size=ring if ring > 1 else None,
                                ulysses_anything=anything)
-    with uneven_split() if ring > 1 and device.type == "cpu" else nullcontext():
+    with uneven_split(ring, device):
         context = _ContextParallelConfig(
             ulysses_degree=ulysses, ring_degree=ring, convert_to_fp32=config.ring_convert_to_fp32,
             rotate_method=config.ring_rotate_method, ulysses_anything=anything, ulysses_float8=False,
@@ -59,7 +58,7 @@ def enable_cache_dit_with_split(transformer: torch.nn.Module, layout, device: to
 
     cache_dit.enable_cache(transformer, cache_config=DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, enable_separate_cfg=False))
-    with uneven_split() if layout.ring_degree > 1 and device.type == "cpu" else nullcontext():
+    with uneven_split(layout.ring_degree, device):
         enable_parallelism(transformer, ParallelismConfig(
             ulysses_size=layout.ulysses_degree if layout.ulysses_degree > 1 else None,
             ring_size=layout.ring_degree if layout.ring_degree > 1 else None,
