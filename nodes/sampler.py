@@ -16,7 +16,9 @@ from .schema import input_for
 # The core states what cfg is; each family adds what it becomes there.
 _CFG_MEANINGS = " ".join(f"{family.name}: {family.cfg_meaning}." for family in FAMILIES)
 _COMMON = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "batch_size")
-_FAMILY_VALUES = GenerationRequest.VALUE_FAMILY_INPUTS
+# Widgets keep their order in saved workflows: inputs added later come after the ones before them.
+_FAMILY_VALUES = ("num_frames", "guidance", "cfg_2", "boundary_ratio")
+_ADDED_FOR_LTX2 = ("frame_rate", "audio_cfg", "stg_scale", "modality_scale")
 
 
 def _request_inputs(names) -> list[io.Input]:
@@ -48,6 +50,7 @@ class OmniSampler(OmniNode):
                 io.Image.Input("image_3", optional=True, tooltip="Qwen-Image-Edit-Plus: a third reference image (any size)."),
                 *_request_inputs(_FAMILY_VALUES),
                 *_request_inputs(("flow_shift",)),
+                *_request_inputs(_ADDED_FOR_LTX2),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="ComfyUI's CONDITIONING (CLIPTextEncode, TextEncodeQwenImageEdit, FluxGuidance, "
                                               "...) in place of the prompt text: what a pipe without a text encoder file "
@@ -64,6 +67,9 @@ class OmniSampler(OmniNode):
                 io.String.Output(display_name="report",
                                  tooltip="JSON run report: settings, transformer calls, block passes computed, seconds per "
                                          "stage, peak memory, what each accelerator did."),
+                io.Audio.Output(display_name="audio",
+                                tooltip="LTX-2: the video's sound track (for Create Video's audio input). Families that "
+                                        "make no sound give none."),
             ],
         )
 
@@ -80,5 +86,5 @@ class OmniSampler(OmniNode):
         request = GenerationRequest(**images, **prompts, **values)  # inputs a saved prompt lacks: the defaults
         result = generate(pipe, request, STORE, on_step=step_listener(request.steps), previews=preview_settings(),
                           check_cancel=check_cancel)
-        return io.NodeOutput({"samples": result.latent.cpu()}, result.report.to_json(),
+        return io.NodeOutput({"samples": result.latent.cpu()}, result.report.to_json(), result.audio,
                              ui=ui.PreviewText(result.report.summary()))

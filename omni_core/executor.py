@@ -44,6 +44,14 @@ class RankContext:
 SINGLE_PROCESS = RankContext()
 
 
+@dataclass
+class Denoised:
+    """What a run makes: the LATENT samples, and the sound track for families that make one (ComfyUI AUDIO)."""
+
+    latent: torch.Tensor
+    audio: dict | None = None
+
+
 class Decoder(ABC):
     """Something holding a VAE that decodes a LATENT for the VAE Tiled Decode node."""
 
@@ -81,9 +89,9 @@ class Executor(Decoder):
     @abstractmethod
     def generate(self, run_entries: tuple[Accelerator, ...], request: GenerationRequest, report: RunReport,
                  on_step: StepListener | None = None, previews: PreviewSettings | None = None,
-                 check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
+                 check_cancel: Callable[[], None] | None = None) -> Denoised:
         """Denoises `request` with the run-time entries applied for this run only; writes the report; returns
-        the ComfyUI LATENT samples. `on_step` may raise to cancel at a step; `check_cancel` raises when the
+        the ComfyUI LATENT samples (and AUDIO where the family makes sound). `on_step` may raise to cancel at a step; `check_cancel` raises when the
         host wants the run stopped, also between steps (asked while waiting on other processes)."""
 
 
@@ -121,7 +129,7 @@ class LocalExecutor(Executor):
         self.state = state or LoadState()
         self.rank = rank
 
-    def generate(self, run_entries, request, report, on_step=None, previews=None, check_cancel=None) -> torch.Tensor:
+    def generate(self, run_entries, request, report, on_step=None, previews=None, check_cancel=None) -> Denoised:
         for section, facts in self.prepared.items():
             report.section(section).update(facts)
         for message in self.notes:
@@ -135,16 +143,25 @@ class LocalExecutor(Executor):
             # inference_mode, as ComfyUI runs every node: the same numbers as the pipeline's own no_grad, with
             # less bookkeeping per op (~8% on the small reference model), so in-process and server runs agree.
             with report.stage("pipeline"), torch.inference_mode():
-                output = run.pipeline(**run.pipeline_call.kwargs, generator=request.cpu_generator(),
-                                      callback_on_step_end=run.step_end, return_dict=False)[0]
+                outputs = run.pipeline(**run.pipeline_call.kwargs, generator=request.cpu_generator(),
+                                       callback_on_step_end=run.step_end, return_dict=False)
             with report.stage("to_latent"), torch.inference_mode():
-                latent = self.family.output_to_latent(run.pipeline, output, request)
+                latent = self.family.output_to_latent(run.pipeline, outputs[0], request)
+            if self.family.audio:
+                with report.stage("audio_decode"), torch.inference_mode():
+                    audio = self.family.output_audio(run.pipeline, outputs, request)
+                report.section("audio").update(sample_rate=audio["sample_rate"],
+                                               samples=int(audio["waveform"].shape[-1]),
+                                               channels=int(audio["waveform"].shape[1]),
+                                               seconds=round(audio["waveform"].shape[-1] / audio["sample_rate"], 4))
+            else:
+                audio = None
             report.section("schedule").update(self.family.schedule_facts(run.pipeline, request))
         if latent.is_inference() and not torch.is_inference_mode_enabled():
             latent = latent.clone()  # callers outside inference mode get an ordinary tensor they may modify
         log.info("Omni Accel: %s, %d steps, %s transformer calls, %.2f s", self.spec.name, request.steps,
                  report.counters.get("transformer_calls"), report.stages.get("pipeline", 0.0))
-        return latent
+        return Denoised(latent, audio)
 
     @contextmanager
     def vae(self):

@@ -68,8 +68,29 @@ class GenerationRequest:
         "the steps; -1 = the model's own (0.875 for text-to-video). Other families ignore it.", min=-1.0,
         max=1.0, step=0.005, round=0.001, optional=True, valid="-1 (the model's own) or 0 to 1")
 
+    # LTX-2: video with sound, its guidance beyond CFG (-1: the model's own defaults).
+    frame_rate: float = setting(
+        float, 24.0, "LTX-2: frames per second of the video (its audio track and motion follow it). Other "
+        "families ignore it.", min=1.0, max=120.0, step=1.0, round=0.001, optional=True)
+    audio_cfg: float = setting(
+        float, -1.0, "LTX-2: classifier-free guidance of the audio track (1 = off); -1 = the model's own (7). "
+        "Other families ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True,
+        valid="-1 (the model's own) or 1 to 100")
+    stg_scale: float = setting(
+        float, -1.0, "LTX-2: spatio-temporal guidance (one more transformer pass per step with a block's "
+        "self-attention perturbed; 0 = off), for video and audio; -1 = the model's own (1 where its blocks have "
+        "perturbed attention, LTX-2.3 on; off on LTX-2.0, where the pass would change nothing). Other families "
+        "ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True,
+        valid="-1 (the model's own) or 0 to 100")
+    modality_scale: float = setting(
+        float, -1.0, "LTX-2: modality-isolation guidance (one more transformer pass per step without the "
+        "audio-video cross-attention; 1 = off), for video and audio; -1 = the model's own (3). Other families "
+        "ignore it.", min=-1.0, max=100.0, step=0.1, round=0.01, optional=True,
+        valid="-1 (the model's own) or 1 to 100")
+
     # The family inputs that are plain values (images are counted, not listed).
-    VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2", "boundary_ratio")
+    VALUE_FAMILY_INPUTS: ClassVar[tuple[str, ...]] = ("num_frames", "guidance", "cfg_2", "boundary_ratio",
+                                                      "frame_rate", "audio_cfg", "stg_scale", "modality_scale")
 
     def is_given(self, name: str) -> bool:
         """Whether the user set this input away from its declared default."""
@@ -103,6 +124,13 @@ class GenerationRequest:
         if self.flow_shift != -1 and self.flow_shift <= 0:
             raise InvalidInput("flow_shift", f"{self.flow_shift}: a shift must be above 0.",
                                "-1 (the model's own) or above 0")
+        for name in ("audio_cfg", "modality_scale"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise InvalidInput(name, f"{getattr(self, name)}: a guidance scale below 1 has no meaning here (1 "
+                                   "is off).", "-1 (the model's own) or 1 to 100")
+        if self.stg_scale != -1 and self.stg_scale < 0:
+            raise InvalidInput("stg_scale", f"{self.stg_scale}: a guidance scale cannot be negative.",
+                               "-1 (the model's own) or 0 (off) to 100")
         if self.boundary_ratio != -1 and not 0 <= self.boundary_ratio <= 1:
             raise InvalidInput("boundary_ratio", f"{self.boundary_ratio} is not a point of the schedule.",
                                "-1 (the model's own) or 0 to 1")

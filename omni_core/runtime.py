@@ -22,6 +22,7 @@ from .vae import DecodeOptions
 class GenerationResult:
     latent: torch.Tensor  # ComfyUI LATENT samples, in the family's VAE latent space
     report: RunReport
+    audio: dict | None = None  # ComfyUI AUDIO, for families that make sound (LTX-2)
 
 
 def checked_request(pipe: OmniPipe, request: GenerationRequest, store: ModelStore) -> GenerationRequest:
@@ -56,9 +57,9 @@ def generate(pipe: OmniPipe, request: GenerationRequest, store: ModelStore, on_s
     with report.stage("load"):
         executor, loaded_now = store.get(pipe.variant)
     report.record_load(loaded_now, executor.load_id, store.take_releases())
-    latent = executor.generate(pipe.run_time_entries, request, report, on_step, PreviewSettings.of(previews),
-                               check_cancel)
-    return GenerationResult(latent=latent, report=report)
+    denoised = executor.generate(pipe.run_time_entries, request, report, on_step, PreviewSettings.of(previews),
+                                 check_cancel)
+    return GenerationResult(latent=denoised.latent, report=report, audio=denoised.audio)
 
 
 def decode_latent(pipe: OmniPipe, samples: torch.Tensor, options: DecodeOptions, store: ModelStore) -> torch.Tensor:

@@ -121,13 +121,15 @@ def decode_peak_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_
     ratio = spatial_compression(vae)
     batch, height, width = samples.shape[0], samples.shape[-2] * ratio, samples.shape[-1] * ratio
     frames = 1
+    whole_video = hasattr(vae, "temporal_compression_ratio")  # LTX: every frame at once; Wan: a few at a time
     if samples.ndim == 5:
-        frames = (samples.shape[2] - 1) * 2 ** sum(vae.config.temperal_downsample) + 1
+        temporal = vae.temporal_compression_ratio if whole_video else 2 ** sum(vae.config.temperal_downsample)
+        frames = (samples.shape[2] - 1) * temporal + 1
     config = vae.config
     channels = config.get("base_dim") or config["block_out_channels"][0]
     area = min(height * width, options.tile_size**2) if options.tiling else height * width
     rows = 1 if options.slicing else batch
-    at_once = 1 if frames == 1 else min(frames, _VIDEO_FRAMES_AT_ONCE)
+    at_once = 1 if frames == 1 else frames if whole_video else min(frames, _VIDEO_FRAMES_AT_ONCE)
     features = _FULL_RESOLUTION_MAPS * rows * at_once * area * channels * float_bytes
     copies = _TILED_PIXEL_COPIES if options.tiling else _PIXEL_COPIES
     pixels = batch * frames * height * width * 3 * max(float_bytes, 4)

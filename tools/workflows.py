@@ -35,7 +35,7 @@ WORKFLOWS = ROOT / "workflows"
 API = WORKFLOWS / "api"
 IMAGES = ROOT / "docs" / "images"
 THUMBNAIL_SIZE = 256
-SAVERS = ("SaveImage", "SaveAnimatedWEBP")
+SAVERS = ("SaveImage", "SaveAnimatedWEBP", "SaveVideo")
 # The README's side-by-side picture: the plain workflow, then accelerated ones with the same seed and prompt.
 SIDE_BY_SIDE = ("qwen_image", "qwen_image_teacache", "qwen_image_cachedit", "qwen_image_fp8_cachedit",
                 "qwen_image_dbcache_taylorseer")
@@ -114,6 +114,11 @@ def saver_id(prompt: dict) -> str:
 
 
 def first_frame(data: bytes) -> Image.Image:
+    if data[4:8] == b"ftyp":  # an mp4 (SaveVideo)
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            return next(container.decode(video=0)).to_image().convert("RGB")
     image = Image.open(io.BytesIO(data))
     image.seek(0)
     return image.convert("RGB")

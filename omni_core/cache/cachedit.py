@@ -4,20 +4,27 @@ cache-dit is used in its transformer-only mode: hooks go on the transformer inst
 Wan 2.2 experts), never on the pipeline class, so other pipelines in the same server are untouched. Each
 run enables the cache, refreshes every denoiser's context for the number of steps that denoiser will run
 (a Wan 2.2 expert runs only its share), reads cache_dit.summary, and disables the cache in `finally`.
+
+Where cache-dit's adapter for a family does not work (LTX-2), the same rule runs on the pack's block hooks
+(dbcache.py, tested against cache-dit's own path on the families where both work), one cache context per
+transformer call of a step.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..block_hooks import hooked_blocks
 from ..errors import IncompatibleStack, InvalidInput
 from ..families import FAMILIES
 from ..recipe import Accelerator
 from ..settings import setting
+from .dbcache import DBCacheController
+from .support import pipeline_calls
 
 log = logging.getLogger("omni_accel")
 
@@ -97,8 +104,8 @@ class CacheDiT(Accelerator):
     # --- checks ---------------------------------------------------------------------------------------
     def check_model(self, spec) -> None:
         family = spec.model_family
-        if not family.cache_dit:
-            supported = [f.name for f in FAMILIES if f.cache_dit]
+        if not family.cache_dit and family.block_io is None:
+            supported = [f.name for f in FAMILIES if f.cache_dit or f.block_io is not None]
             raise IncompatibleStack(f"Cache-DiT does not support {spec.family} models. Supported: {', '.join(supported)}.")
         blocks = family.block_count(spec.source)
         if self.Fn_compute_blocks + self.Bn_compute_blocks >= blocks:
@@ -155,8 +162,12 @@ class CacheDiT(Accelerator):
                     raise InvalidInput("scm_steps_mask_policy", f"{name} runs {count} of the {run.request.steps} steps "
                                        f"(Wan 2.2 splits steps between its experts), and SCM '{self.scm}' cannot "
                                        f"build a mask for {count}.", "other steps, or scm_steps_mask_policy none")
-        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order) if self.enable_taylorseer else None
         denoisers = {name: module for name, module in run.denoisers().items() if steps.get(name)}
+        if not run.family.cache_dit:
+            with self._on_blocks(run, denoisers, steps):
+                yield
+            return
+        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order) if self.enable_taylorseer else None
         if run.rank.cache_dit_set_up_at_load:
             # A rank of a sequence-parallel layout: cache-dit set its cache up with the split when the model
             # loaded; this run gives it its settings.
@@ -182,6 +193,47 @@ class CacheDiT(Accelerator):
             with quiet_cache_dit():
                 for transformer in enabled:
                     cache_dit.disable_cache(transformer)
+
+    @contextmanager
+    def _on_blocks(self, run, denoisers: dict, steps: dict[str, int]) -> Iterator[None]:
+        """The rule on the pack's block hooks, for families whose cache-dit adapter fails."""
+        family = run.family
+        controllers = {}
+        with ExitStack() as stack:
+            for name, denoiser in denoisers.items():
+                blocks = family.transformer_blocks(denoiser)
+                controllers[name] = DBCacheController(
+                    self, blocks, lambda block: family.block_io, pipeline_calls(run, name, (0, run.request.steps)),
+                    mask=scm_mask(self.scm, steps[name]) if self.scm else None, reduce_sum=run.reduce_sum)
+                stack.enter_context(hooked_blocks(denoiser, blocks, controllers[name].on_block, "omni_dbcache"))
+            try:
+                yield
+            finally:
+                with run.report.writing("Cache-DiT"):
+                    self._report_blocks(run, controllers)
+
+    def _report_blocks(self, run, controllers: dict[str, DBCacheController]) -> None:
+        section = run.report.section(self.kind)
+        computed = sum(c.computed for c in controllers.values())
+        cached = sum(c.skipped for c in controllers.values())
+        middle = len(next(iter(controllers.values())).middle) if controllers else 0
+        blocks = middle + self.Fn_compute_blocks + self.Bn_compute_blocks
+        section.update(
+            config={k: v for k, v in self.describe().items() if k != "kind"},
+            engine=(f"the pack's DBCache on the block hooks (cache-dit's adapter for {run.family.name} fails), one "
+                    "cache context per transformer call of a step"),
+            denoisers={name: {"scm_mask": c.mask, "branches": c.branches()} for name, c in controllers.items()},
+            calls_cached=cached,
+            calls_computed=computed,
+        )
+        total = computed + cached
+        passes = computed * blocks + cached * (blocks - middle)
+        ratio = f"{total * blocks / passes:.2f}x fewer block passes" if passes else "no block passes"
+        summary = (f"Cache-DiT: cached {cached}/{total} transformer calls ({ratio}; the first {self.Fn_compute_blocks} "
+                   f"and last {self.Bn_compute_blocks} blocks always run)")
+        section["summary"] = summary
+        run.report.note(summary)
+        log.info(summary)
 
     def _report(self, run, denoisers: dict, steps: dict[str, int], separate_cfg: bool) -> None:
         import cache_dit

@@ -55,8 +55,10 @@ class DBCacheController:
     """
 
     def __init__(self, settings, blocks: list[torch.nn.Module], io_of, calls, mask: list[int] | None = None,
-                 copy_input: bool = False):
+                 copy_input: bool = False, reduce_sum=None):
         self.settings = settings
+        # Sums over the ranks that each hold a slice of the tokens, so every rank takes the same decision.
+        self.reduce_sum = reduce_sum
         self.io_of = io_of
         self.calls = calls
         self.mask = mask
@@ -121,9 +123,16 @@ class DBCacheController:
         if previous.shape != residual.shape:
             context.residual_diffs.setdefault(step, -2.0)
             return False
-        diff = ((previous - residual).abs().mean() / previous.abs().mean()).item()
+        diff = self._relative_change(previous, residual)
         context.residual_diffs.setdefault(step, diff)
         return diff < threshold
+
+    def _relative_change(self, previous: torch.Tensor, residual: torch.Tensor) -> float:
+        """cache-dit's mean|prev - now| / mean|prev|; over the ranks' slices, as sums of all of them."""
+        if self.reduce_sum is None:
+            return ((previous - residual).abs().mean() / previous.abs().mean()).item()
+        sums = self.reduce_sum(torch.stack([(previous - residual).abs().float().sum(), previous.abs().float().sum()]))
+        return (sums[0] / sums[1]).item()
 
     def _calibrators(self):
         if not self.settings.enable_taylorseer:

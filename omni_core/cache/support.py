@@ -78,3 +78,25 @@ class SigmaBranches:
             self._seen[(uuid, sigma)] = occurrence + 1
             keys.append((uuid, occurrence))
         return keys
+
+
+def pipeline_calls(run, denoiser: str, window: tuple[int, int]):
+    """The calls of a diffusers pipeline's transformer: one branch group per call position within the step, its
+    rows named as the family says (batched CFG: cond and uncond)."""
+    positions = CallPositions()
+    request = run.request
+    layout = run.family.call_branches(run.pipeline_call, request)
+
+    def call(rows: int) -> Call:
+        step = run.steps_done
+        position = positions.next(step)
+        groups = layout[position] if position < len(layout) else (f"call{position}",)
+        share = max(1, rows // len(groups))
+        names = []
+        for row in range(rows):
+            name, item = groups[min(row // share, len(groups) - 1)], row % share
+            names.append(name if share == 1 else f"{name}#{item}")
+        names = [n if denoiser == "transformer" else f"{denoiser}/{n}" for n in names]
+        return Call(step, (Chunk(position, tuple(names)),), window[0] <= step < window[1])
+
+    return call

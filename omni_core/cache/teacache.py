@@ -30,7 +30,7 @@ from ..families import FAMILIES
 from ..families.facts import Coefficients, StepSignal
 from ..recipe import Accelerator
 from ..settings import setting
-from .support import Call, CallPositions, Chunk
+from .support import pipeline_calls
 
 log = logging.getLogger("omni_accel")
 
@@ -137,31 +137,6 @@ class TeaCache(Accelerator):
             finally:
                 with run.report.writing("TeaCache"):
                     write_report(self, controllers, run, window)
-
-
-def pipeline_calls(run, denoiser: str, window: tuple[int, int]):
-    """The calls of a diffusers pipeline's transformer: one branch per call position within the step; batched
-    CFG rows (Z-Image) are named cond and uncond."""
-    positions = CallPositions()
-    request = run.request
-    per_step = run.pipeline_call.transformer_calls_per_step
-    calls = ["cond", "uncond"][:per_step] if per_step <= 2 else [f"call{i}" for i in range(per_step)]
-
-    def call(rows: int) -> Call:
-        step = run.steps_done
-        position = positions.next(step)
-        call_name = calls[position] if position < len(calls) else f"call{position}"
-        batched_cfg = rows == 2 * request.batch_size and per_step == 1 and request.cfg > 1
-        names = []
-        for row in range(rows):
-            name, item = call_name, row
-            if batched_cfg:
-                name, item = ("cond", row) if row < request.batch_size else ("uncond", row - request.batch_size)
-            names.append(name if request.batch_size == 1 else f"{name}#{item}")
-        names = [n if denoiser == "transformer" else f"{denoiser}/{n}" for n in names]
-        return Call(step, (Chunk(position, tuple(names)),), window[0] <= step < window[1])
-
-    return call
 
 
 @dataclass

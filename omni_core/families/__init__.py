@@ -7,12 +7,13 @@ from ..source import ModelSource
 from .base import ModelFamily, PipelineCall
 from .flux import FluxFamily
 from .flux2 import Flux2Family, Flux2KleinFamily
+from .ltx2 import LTX2Family
 from .qwen_image import QwenImageEditFamily, QwenImageFamily
 from .wan import WanFamily
 from .z_image import ZImageFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (QwenImageFamily(), QwenImageEditFamily(), ZImageFamily(), FluxFamily(), WanFamily(),
-                                     Flux2Family(), Flux2KleinFamily())
+                                     Flux2Family(), Flux2KleinFamily(), LTX2Family())
 
 _BY_PIPELINE_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
 _BY_NAME = {family.name: family for family in FAMILIES}

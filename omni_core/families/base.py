@@ -18,7 +18,7 @@ from ..request import GenerationRequest
 from ..schedule import own_shift, scheduled_pipeline
 from ..source import ModelSource
 from .facts import (
-    FINAL, NORM, NativeBlocks, PrecisionSensitive, SingleFile, StepSignal,
+    FINAL, NORM, BlockIO, NativeBlocks, PrecisionSensitive, SingleFile, StepSignal,
 )
 
 # Why a family-specific Sampler input does not apply, completing "<input> ignored: <family> models ...".
@@ -28,6 +28,10 @@ _WHY_IGNORED = {
     "guidance": "have no distilled guidance embedding (Flux.1 dev and Flux.2 dev only)",
     "cfg_2": "have one transformer (cfg_2 is Wan 2.2's second expert guidance)",
     "boundary_ratio": "have one transformer (boundary_ratio is where Wan 2.2 hands steps to its second expert)",
+    "frame_rate": "make no sound track (frame_rate is LTX-2's; video families run at their own rate)",
+    "audio_cfg": "make no sound (audio_cfg is LTX-2's audio guidance)",
+    "stg_scale": "have no spatio-temporal guidance (stg_scale is LTX-2's)",
+    "modality_scale": "have no audio-video cross-attention (modality_scale is LTX-2's)",
 }
 
 # Pipeline components that encode the prompt (or input images), in the order pipelines use them.
@@ -62,6 +66,11 @@ class ModelFamily:
     cfg_batched: ClassVar[bool] = False
     # Video families keep LATENT samples 5-D (B, C, T, H, W) and return frames as the IMAGE batch.
     video: ClassVar[bool] = False
+    # Whether its runs make a sound track (the Sampler's AUDIO output; see output_audio).
+    audio: ClassVar[bool] = False
+    # How its blocks take and return their streams, where the pack's own block caches stand in for a library's
+    # (None: the library's adapter is used).
+    block_io: ClassVar[BlockIO | None] = None
     # How its single-file diffusion models look and what the released models' own settings are (None: the
     # family loads from diffusers folders only).
     single_file: ClassVar[SingleFile | None] = None
@@ -83,6 +92,8 @@ class ModelFamily:
     # Whether `cfg` runs true CFG (a negative-prompt branch: what CFG parallel splits); distilled-guidance-only
     # models run one branch.
     true_cfg: ClassVar[bool] = True
+    # Why CFG parallel cannot split this family's guidance passes, where it cannot (None: it can, given true CFG).
+    cfg_parallel_problem: ClassVar[str | None] = None
     # Transformer modules that must keep full precision (matched on qualified names).
     precision_sensitive: ClassVar[tuple[PrecisionSensitive, ...]] = ()
     # Whether its CONDITIONING may carry reference images' latents (ReferenceLatent, an edit text encode node
@@ -180,6 +191,19 @@ class ModelFamily:
     def transformer_calls_per_step(self, request: GenerationRequest) -> int:
         return 2 if request.cfg > 1 and not self.cfg_batched else 1
 
+    def call_branches(self, call: PipelineCall, request: GenerationRequest) -> list[tuple[str, ...]]:
+        """Per transformer call of a step, in order, the branches its batch holds (in row order, equal shares)."""
+        per_step = call.transformer_calls_per_step
+        if per_step == 1 and self.cfg_batched and request.cfg > 1:
+            return [("cond", "uncond")]
+        return [(name,) for name in (["cond", "uncond"][:per_step] if per_step <= 2
+                                     else [f"call{i}" for i in range(per_step)])]
+
+    def output_audio(self, pipeline, outputs: tuple, request: GenerationRequest) -> dict | None:
+        """ComfyUI AUDIO ({"waveform": (B, C, T) on the CPU, "sample_rate"}) from the pipeline's outputs, for
+        families that make sound."""
+        return None
+
     def rows_per_call(self, request: GenerationRequest) -> int:
         """Batch rows of one transformer call: batched CFG doubles them."""
         return request.batch_size * (2 if request.cfg > 1 and self.cfg_batched else 1)
@@ -241,6 +265,11 @@ class ModelFamily:
         multiple = self.size_multiple(source)
         return (request.height // multiple) * (request.width // multiple) * self.latent_frames(source, request)
 
+    def split_streams(self, source: ModelSource, request: GenerationRequest) -> dict[str, int]:
+        """Token streams a sequence split gathers whole at the transformer's output, beyond the image stream's
+        own checks (LTX-2's video and audio), with their token counts: each must divide by the ranks."""
+        return {}
+
     def transformer_tokens(self, source: ModelSource, request: GenerationRequest) -> int:
         """Every token per batch row of one transformer call that is known before the prompt is encoded: the
         output's, and what the family adds from its inputs (an edit model's reference images)."""
@@ -255,7 +284,10 @@ class ModelFamily:
         return samples
 
     def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
-        """VAE output in [-1, 1] -> ComfyUI IMAGE (B, H, W, C) in [0, 1], as the pipeline's postprocess does."""
+        """VAE output in [-1, 1] -> ComfyUI IMAGE (B, H, W, C) in [0, 1], as the pipeline's postprocess does;
+        a video's (B, C, F, H, W) -> its frames as the IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""
+        if decoded.ndim == 5:
+            decoded = decoded.permute(0, 2, 1, 3, 4).flatten(0, 1)
         return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
 
     def latent_channels(self, vae) -> int:

@@ -185,11 +185,6 @@ class WanFamily(ModelFamily):
     def output_to_latent(self, pipeline, output: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         return mean_std_latent(pipeline, output)  # (B, C, T, H/8, W/8), as ComfyUI keeps video latents
 
-    def vae_output_to_images(self, decoded: torch.Tensor) -> torch.Tensor:
-        """(B, C, F, H, W) -> frames as an IMAGE batch (B*F, H, W, C), ComfyUI's video convention."""
-        frames = decoded.permute(0, 2, 1, 3, 4).flatten(0, 1)
-        return super().vae_output_to_images(frames)
-
     def latent_channels(self, vae) -> int:
         return vae.config.z_dim
 

@@ -24,6 +24,7 @@ BLOCK_LISTS = {
     "QwenImageTransformer2DModel": ("transformer_blocks",),
     "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
     "Flux2Transformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "LTX2VideoTransformer3DModel": ("transformer_blocks",),
     "WanTransformer3DModel": ("blocks",),
     "ZImageTransformer2DModel": ("noise_refiner", "context_refiner", "layers"),
 }

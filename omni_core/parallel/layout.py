@@ -244,12 +244,32 @@ class ParallelConfig(ExecutionLayout):
                                        f"split evenly over {self.sequence_degree} sequence-parallel ranks.",
                                        "reference images whose sizes make the sum divide (their latent sizes in "
                                        "2x2 patches), a size that does, or ulysses_degree x ring_degree 1")
+        if self.sequence_degree > 1:
+            self._check_streams_split(spec, request)
         if self.cfg_parallel_size == 2 and references[0] != references[1]:
             # The two ranks exchange whole transformer outputs, reference-image tokens included.
             raise InvalidInput("negative", f"CFG parallel: the prompt's transformer calls take {references[0]} "
                                f"reference-image tokens and the negative prompt's {references[1]}.",
                                "the same reference latents in both CONDITIONINGs (both edit text encodes given "
                                "the same images and VAE), or cfg_parallel_size 1")
+
+    def _check_streams_split(self, spec, request) -> None:
+        """cache-dit gathers each split stream from equal parts: a count that does not divide fails in the ranks."""
+        from dataclasses import replace
+
+        family, source, ranks = spec.model_family, spec.source, self.sequence_degree
+        uneven = {name: tokens for name, tokens in family.split_streams(source, request).items() if tokens % ranks}
+        if not uneven:
+            return
+        factor = family.temporal_factor(source)
+        fitting = [frames for frames in range(1, 1026, factor)
+                   if not any(t % ranks for t in family.split_streams(source, replace(request, num_frames=frames)).values())]
+        near = sorted(fitting, key=lambda frames: abs(frames - request.num_frames))[:2]
+        described = ", ".join(f"{name} {tokens}" for name, tokens in uneven.items())
+        raise InvalidInput("num_frames", f"{request.num_frames} frames at {request.frame_rate:g} fps make {described} "
+                           f"tokens, which do not split evenly over {ranks} sequence-parallel ranks.",
+                           f"e.g. {' or '.join(map(str, sorted(near)))}, another frame_rate or size, or "
+                           "ulysses_degree x ring_degree 1")
 
     # --- memory: nothing of the pipeline lives in this process; CPU ranks share its memory ----------------
     def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:

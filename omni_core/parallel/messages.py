@@ -105,6 +105,7 @@ class Done:
     report: dict  # RunReport.parts()
     tokens_in_first_block: int | None = None
     peak_device_bytes: int | None = None  # GPU ranks: the most torch allocated on the device during the run
+    audio: dict | None = None  # rank 0 only, for families that make sound
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from select import select
 
-import torch
-
-from ..executor import Executor
+from ..executor import Denoised, Executor
 from ..recipe import Variant
 from ..report import RunReport
 from . import ray_cluster
@@ -222,8 +220,8 @@ class WorkerPool(Executor):
 
     # --- runs --------------------------------------------------------------------------------------------
     def generate(self, run_entries, request, report: RunReport, on_step=None, previews=None,
-                 check_cancel=None) -> torch.Tensor:
-        """Runs on every rank; rank 0's latent and report come back, with a `parallel` section saying how the
+                 check_cancel=None) -> Denoised:
+        """Runs on every rank; rank 0's latent (and audio) and report come back, with a `parallel` section saying how the
         work was split and whether every rank took the same cache decisions."""
         started_here = not self.ready
         with report.stage("workers_start"):
@@ -249,7 +247,7 @@ class WorkerPool(Executor):
             tokens_per_rank=[p.tokens_in_first_block for p in parts],
             peak_device_bytes_per_rank=[p.peak_device_bytes for p in parts],
         )
-        return parts[0].latent
+        return Denoised(parts[0].latent, parts[0].audio)
 
     def decode(self, samples, options):
         self._wait_ready(None)

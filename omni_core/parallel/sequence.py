@@ -40,6 +40,7 @@ def enable_sequence_parallel(transformer: torch.nn.Module, ulysses: int, ring: i
     plan = ContextParallelismPlannerRegister.get_planner(transformer)().apply(transformer=transformer,
                                                                              parallelism_config=config)
     _enable_context_parallelism(transformer, config=context, cp_plan=plan)
+    _unsplit_default_for_patched_processors(transformer)
     # cache-dit's caching (a run-time entry, enabled after this) matches a block's forward by its signature,
     # which the context-parallel hooks above hide behind (*args, **kwargs): point it at the real one.
     for module in transformer.modules():
@@ -64,3 +65,13 @@ def enable_cache_dit_with_split(transformer: torch.nn.Module, layout, device: to
             ring_size=layout.ring_degree if layout.ring_degree > 1 else None,
             ulysses_anything=layout.ring_degree == 1,
         ))
+
+
+def _unsplit_default_for_patched_processors(transformer: torch.nn.Module) -> None:
+    """Some planners (LTX-2's) replace an attention processor class's __call__ with one that reads the split's
+    `_cp_config` from the instance; the class is shared with modules outside the transformer (LTX-2's text
+    connectors), whose processors never get one. A class default of None gives those the unsplit path."""
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and not hasattr(type(processor), "_cp_config"):
+            type(processor)._cp_config = None

@@ -48,7 +48,7 @@ def vae_patch_problem(family: ModelFamily, source=None) -> str | None:
 def cfg_parallel_problem(family: ModelFamily) -> str | None:
     if not family.true_cfg:
         return "no negative-prompt branch to split (distilled guidance only, one transformer pass per step)"
-    return None
+    return family.cfg_parallel_problem
 
 
 def method_problems(family: ModelFamily) -> dict[str, str | None]:

@@ -119,7 +119,7 @@ class Rank:
             group = sequence_mesh._flatten().get_group()
             for denoiser in denoisers:
                 pin_chains(family.transformer_blocks(denoiser))  # caches nest inside the token split
-                if layout.cache_dit_at_load:
+                if layout.cache_dit_at_load and family.cache_dit:
                     enable_cache_dit_with_split(denoiser, layout, device)
                 else:
                     enable_sequence_parallel(denoiser, layout.ulysses_degree, layout.ring_degree, sequence_mesh, device)
@@ -128,7 +128,8 @@ class Rank:
                 dist.all_reduce(tensor, group=group)
                 return tensor
 
-            self.executor.rank = RankContext(reduce_sum=reduce_sum, cache_dit_set_up_at_load=layout.cache_dit_at_load)
+            self.executor.rank = RankContext(reduce_sum=reduce_sum,
+                                             cache_dit_set_up_at_load=layout.cache_dit_at_load and family.cache_dit)
         if layout.tensor_parallel_size > 1:
             for denoiser in denoisers:
                 enable_tensor_parallel(denoiser, mesh["tp"])
@@ -195,7 +196,7 @@ class Rank:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            latent = self.executor.generate(message.entries, message.request, report, on_step=on_step,
+            denoised = self.executor.generate(message.entries, message.request, report, on_step=on_step,
                                             previews=message.previews if self.rank == 0 else None)
         except RunCancelled:
             self.channel.send(Cancelled(message.run_id, self.rank))
@@ -204,8 +205,9 @@ class Rank:
             for handle in handles:
                 handle.remove()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        self.channel.send(Done(message.run_id, self.rank, latent.cpu() if self.rank == 0 else None, report.parts(),
-                               tokens[0] if tokens else None, peak))
+        self.channel.send(Done(message.run_id, self.rank, denoised.latent.cpu() if self.rank == 0 else None,
+                               report.parts(), tokens[0] if tokens else None, peak,
+                               denoised.audio if self.rank == 0 else None))
 
     def decode(self, message: DecodeRequest) -> None:
         image = self.executor.decode(message.samples, message.options, self.vae_split)

@@ -112,7 +112,9 @@ def test_a_workflow_saved_before_the_cache_nodes_took_a_model_still_loads_and_co
     assert node["outputs"][0]["type"] == "OMNI_PIPE", "the output follows the OMNI_PIPE connected to it"
 
 
-FAMILY_INPUTS = {"num_frames", "guidance", "cfg_2", "boundary_ratio"}
+FAMILY_INPUTS = {"num_frames", "guidance", "cfg_2", "boundary_ratio", "frame_rate", "audio_cfg", "stg_scale",
+                 "modality_scale"}
+LTX2_INPUTS = {"num_frames", "frame_rate", "audio_cfg", "stg_scale", "modality_scale"}
 
 
 def _shown_after_family(page, node_id: int, family: str) -> set[str]:
@@ -142,6 +144,10 @@ def test_the_sampler_shows_the_inputs_its_models_family_uses(page):
     assert _shown_after_family(page, sampler, "flux") & FAMILY_INPUTS == {"guidance"}
     converted = page.to_prompt()[str(sampler)]["inputs"]
     assert converted["num_frames"] == _twin("wan22")[str(sampler)]["inputs"]["num_frames"], "hidden, still sent"
+    page.load_ui(_ui("ltx2"), "ltx2")  # recipe F: LTX-2 shows its frames, frame rate and guidance scales
+    sampler = int(_sampler(_twin("ltx2"))[0])
+    assert _shown_after_family(page, sampler, "ltx2") & FAMILY_INPUTS == LTX2_INPUTS
+    assert page.to_prompt() == _twin("ltx2")
 
 
 def _output_type(page, node_id: int) -> str:

@@ -15,7 +15,9 @@
 - OmniTestTextEncode makes a CONDITIONING for the small native Wan files (tools/native_files.py) from a prompt,
   with the tiny diffusers Wan's own text encoder (ComfyUI's UMT5-XXL cannot be made small): its features,
   zero-padded to the 4096 ComfyUI's Wan expects, in exactly ComfyUI's format ([[features, {}]]);
-- OmniTestFailAfter makes a MODEL whose diffusion model raises after some calls (an error mid-run)."""
+- OmniTestFailAfter makes a MODEL whose diffusion model raises after some calls (an error mid-run);
+- OmniTestAudioSamples shows an AUDIO's sample rate and its waveform's samples exactly (ComfyUI's SaveAudio needs
+  torchaudio, which has no build for the pinned torch; its FLAC would also round the samples to 16 bits)."""
 
 import json
 import sys
@@ -247,7 +249,24 @@ class OmniTestFailAfter:
         return (patched,)
 
 
+class OmniTestAudioSamples:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "show"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"audio": ("AUDIO",)}}
+
+    def show(self, audio):
+        waveform = audio["waveform"]
+        return {"ui": {"text": [json.dumps({"sample_rate": audio["sample_rate"], "shape": list(waveform.shape),
+                                            "samples": waveform.double().flatten().tolist()})]}}
+
+
 NODE_CLASS_MAPPINGS = {"OmniTestAnyValue": OmniTestAnyValue, "OmniTestHoldStore": OmniTestHoldStore,
                        "OmniTestCLIPLoader": OmniTestCLIPLoader, "OmniTestModelKeys": OmniTestModelKeys,
                        "OmniTestDeviceMemory": OmniTestDeviceMemory, "OmniTestOutOfMemory": OmniTestOutOfMemory,
-                       "OmniTestTextEncode": OmniTestTextEncode, "OmniTestFailAfter": OmniTestFailAfter}
+                       "OmniTestTextEncode": OmniTestTextEncode, "OmniTestFailAfter": OmniTestFailAfter,
+                       "OmniTestAudioSamples": OmniTestAudioSamples}

@@ -16,7 +16,8 @@ EXPECTED_INPUTS = {
         "pipe": "OMNI_PIPE", "prompt": "STRING", "negative_prompt": "STRING", "seed": "INT", "steps": "INT",
         "cfg": "FLOAT", "width": "INT", "height": "INT", "batch_size": "INT", "image": "IMAGE", "image_2": "IMAGE",
         "image_3": "IMAGE", "num_frames": "INT", "guidance": "FLOAT", "cfg_2": "FLOAT", "boundary_ratio": "FLOAT",
-        "flow_shift": "FLOAT", "positive": "CONDITIONING", "negative": "CONDITIONING",
+        "flow_shift": "FLOAT", "frame_rate": "FLOAT", "audio_cfg": "FLOAT", "stg_scale": "FLOAT",
+        "modality_scale": "FLOAT", "positive": "CONDITIONING", "negative": "CONDITIONING",
     },
     "OmniTeaCache": {
         "pipe": "OMNI_PIPE,MODEL", "rel_l1_thresh": "FLOAT", "start_percent": "FLOAT", "end_percent": "FLOAT",
@@ -44,7 +45,7 @@ EXPECTED_INPUTS = {
 }
 EXPECTED_OUTPUTS = {
     "OmniLoader": ["OMNI_PIPE"],
-    "OmniSampler": ["LATENT", "STRING"],
+    "OmniSampler": ["LATENT", "STRING", "AUDIO"],
     "OmniVAETiledDecode": ["IMAGE"],
     "OmniTeaCache": ["OMNI_PIPE,MODEL"],
     "OmniCacheDiT": ["OMNI_PIPE,MODEL"],
@@ -204,8 +205,11 @@ def test_memory_nodes_defaults_follow_the_issues(comfy):
 def test_the_family_route_says_which_sampler_inputs_a_model_uses(comfy):
     """What the editor asks before it hides the Sampler inputs a model does not use (web/omni_accel.js)."""
     answers = {model: comfy.get_json(f"/omni_accel/family?model={model}")
-               for model in ("tiny-wan22", "tiny-wan21", "tiny-flux", "tiny-flux-schnell", "tiny-qwen-image")}
+               for model in ("tiny-wan22", "tiny-wan21", "tiny-flux", "tiny-flux-schnell", "tiny-qwen-image",
+                             "tiny-ltx2")}
     assert answers["tiny-wan22"] == {"family": "wan", "uses": ["boundary_ratio", "cfg_2", "num_frames"],
-                                     "family_inputs": ["num_frames", "guidance", "cfg_2", "boundary_ratio"]}
+                                     "family_inputs": ["num_frames", "guidance", "cfg_2", "boundary_ratio",
+                                                       "frame_rate", "audio_cfg", "stg_scale", "modality_scale"]}
+    assert answers["tiny-ltx2"]["uses"] == ["audio_cfg", "frame_rate", "modality_scale", "num_frames", "stg_scale"]
     assert answers["tiny-wan21"]["uses"] == ["num_frames"] and answers["tiny-flux"]["uses"] == ["guidance"]
     assert answers["tiny-flux-schnell"]["uses"] == [] == answers["tiny-qwen-image"]["uses"]

@@ -72,7 +72,7 @@ def test_multi_gpu_workflow_runs_on_four_cpu_ranks_and_equals_one_process(tmp_pa
 
 # Inputs appended after the first release: prompts saved before them must run unchanged.
 ADDED_LATER = {"OmniLoader": ("compile", "text_encoder_file", "text_encoder_2_file", "vae_file"),
-               "OmniSampler": ("boundary_ratio", "flow_shift"),
+               "OmniSampler": ("boundary_ratio", "flow_shift", "frame_rate", "audio_cfg", "stg_scale", "modality_scale"),
                "OmniParallelConfig": ("tensor_parallel_size", "vae_patch_parallel_size", "use_hsdp", "hsdp_shard_size",
                                       "enable_expert_parallel")}
 

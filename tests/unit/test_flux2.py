@@ -171,7 +171,7 @@ def test_cache_dit_exact_at_zero_and_skips_calls_when_lossy(model_dirs, store, c
 def test_teacache_is_refused_clearly(model_dirs):
     for model in ("tiny-flux2", "tiny-flux2-klein"):
         with pytest.raises(IncompatibleStack, match=r"^TeaCache does not support flux2(-klein)? models\. Supported: "
-                                                    r"qwen-image, qwen-image-edit, z-image, flux, wan\.$"):
+                                                    r"qwen-image, qwen-image-edit, z-image, flux, wan, ltx2\.$"):
             tiny_pipe(model_dirs, model).with_accelerator(TeaCache())
 
 

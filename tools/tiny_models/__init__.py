@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import files, flux, flux2, qwen_image, wan, z_image
+from . import files, flux, flux2, ltx2, qwen_image, wan, z_image
 
 
 def builder_hash() -> str:
@@ -33,6 +33,8 @@ MODELS: dict[str, Callable[[], object]] = {
     "tiny-flux2": lambda: flux2.build_dev(),
     # klein base (is_distilled False): cfg runs true CFG, two transformer calls per step
     "tiny-flux2-klein": lambda: flux2.build_klein(distilled=False),
+    "tiny-ltx2": lambda: ltx2.build("2.0"),
+    "tiny-ltx2-23": lambda: ltx2.build("2.3"),
     "tiny-wan21": lambda: wan.build(experts=1),
     "tiny-wan22": lambda: wan.build(experts=2),
     "tiny-wan22-heads4": lambda: wan.build(experts=2, width="heads4"),

@@ -12,7 +12,7 @@ import string
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPTokenizer, LlamaTokenizer, PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer, T5Tokenizer,
+    CLIPTokenizer, GemmaTokenizer, LlamaTokenizer, PixtralImageProcessor, PixtralProcessor, Qwen2Tokenizer, T5Tokenizer,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -120,19 +120,32 @@ PIXTRAL_CHAT_TEMPLATE = (
 )
 
 
-def build_pixtral_processor(model_max_length: int = 512) -> PixtralProcessor:
-    """Flux2Pipeline's `tokenizer` (a PixtralProcessor): a character vocabulary with byte fallback (every character
-    is a token, anything else falls back to its bytes) and Mistral's special tokens."""
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+def _character_vocabulary(specials: list[str]) -> dict[str, int]:
+    """Special tokens, the 256 byte-fallback tokens, then one token per printable character (and the word mark)."""
     vocab = {token: i for i, token in enumerate(specials)}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for ch in ["\u2581", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
         vocab.setdefault(ch, len(vocab))
+    return vocab
+
+
+def build_pixtral_processor(model_max_length: int = 512) -> PixtralProcessor:
+    """Flux2Pipeline's `tokenizer` (a PixtralProcessor): a character vocabulary with byte fallback (every character
+    is a token, anything else falls back to its bytes) and Mistral's special tokens."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab = _character_vocabulary(specials)
     tokenizer = LlamaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, unk_token="<unk>",
                                bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=False,
                                add_prefix_space=False)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
     return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16,
                             spatial_merge_size=2, chat_template=PIXTRAL_CHAT_TEMPLATE)
+
+
+def build_gemma_tokenizer(model_max_length: int = 1024) -> GemmaTokenizer:
+    """LTX2Pipeline's Gemma tokenizer: a character vocabulary with byte fallback and Gemma's special tokens (the
+    pipeline pads on the left itself)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    return GemmaTokenizer(vocab=_character_vocabulary(specials), merges=[], model_max_length=model_max_length)
