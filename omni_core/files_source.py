@@ -235,6 +235,12 @@ def family_for_files(files: dict[str, Path], families) -> object:
     weights = open_weights(files["transformer"])
     weights.check("model")
     keys = set(strip_comfy_prefix(header_state(weights)))
+    for family in families:  # before the others: Flux.2's keys include Flux.1's markers
+        if family.single_file is None and any(layout.marker in keys for layout in family.single_file_layouts):
+            raise InvalidInput("model", f"{weights.name} is a {family.name} diffusion model, which Omni Accel loads "
+                               f"only over a {family.name} diffusers folder (its text encoder and VAE files are not "
+                               "read yet).", f"a {family.name} folder from models/diffusers as model, with this file "
+                               "as transformer_file")
     for family in families:
         if family.single_file is not None and any(marker in keys for marker in family.single_file.markers):
             return family

@@ -75,4 +75,6 @@ def load_transformer_file(family, source, attr: str, path: str | Path, dtype: to
     weights.check(f"{attr}_file")
     model = source.empty_component(attr)
     state = _fitted(family, source, attr, weights, strip_comfy_prefix(stored_state(weights, dtype)), model)
+    if family.full_precision_from_files:
+        dequantize_rest(state, dtype, only=lambda layer: any(rule.matches(layer) for rule in family.precision_sensitive))
     return load_denoiser(model, weights, state, dtype, fp8_matmul, f"{attr}_file")

@@ -65,6 +65,17 @@ def comfy_dit(family: str, config: dict) -> torch.nn.Module:
                                   depth=config["num_layers"], depth_single_blocks=config["num_single_layers"],
                                   axes_dim=list(config["axes_dims_rope"]), theta=10000, patch_size=2, qkv_bias=True,
                                   guidance_embed=config["guidance_embeds"])
+    elif family == "flux2":  # ComfyUI's model_detection for a Flux.2 file (dev, or klein without guidance_in)
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        cls, unet = sm.Flux2, dict(image_model="flux2", in_channels=config["in_channels"],
+                                   out_channels=config["in_channels"], hidden_size=hidden,
+                                   context_in_dim=config["joint_attention_dim"], num_heads=config["num_attention_heads"],
+                                   mlp_ratio=config["mlp_ratio"], axes_dim=list(config["axes_dims_rope"]),
+                                   theta=config["rope_theta"], global_modulation=True, vec_in_dim=None,
+                                   mlp_silu_act=True, qkv_bias=False, ops_bias=False, default_ref_method="index",
+                                   ref_index_scale=10.0, patch_size=1, depth=config["num_layers"],
+                                   depth_single_blocks=config["num_single_layers"],
+                                   guidance_embed=config["guidance_embeds"])
     elif family == "z-image":
         cls, unet = sm.ZImage, dict(image_model="lumina2", patch_size=2, in_channels=config["in_channels"],
                                     dim=config["dim"], cap_feat_dim=config["cap_feat_dim"], n_layers=config["n_layers"],
@@ -168,6 +179,10 @@ def dit_in_comfy_layout(family: str, transformer: torch.nn.Module) -> dict:
                                                     "n_refiner_layers": config["n_refiner_layers"]})
         out = _from_key_map(state, key_map, shapes)
         out["norm_final.weight"] = torch.ones(shapes["norm_final.weight"])  # ComfyUI's class has it; diffusers' not
+    elif family == "flux2":
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+        out = _by_probe(state, shapes, convert_flux2_transformer_checkpoint_to_diffusers)
     else:
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -241,7 +256,8 @@ def write(path: Path, state: dict, metadata: dict | None = None) -> Path:
     return path
 
 
-FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux", "ZImagePipeline": "z-image", "WanPipeline": "wan"}
+FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux", "ZImagePipeline": "z-image", "WanPipeline": "wan",
+            "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2"}
 
 
 def write_pipeline_files(folder: Path, dit: Path | None = None, dit2: Path | None = None, vae: Path | None = None,

@@ -76,6 +76,9 @@ class ModelFamily:
     single_file: ClassVar[SingleFile | None] = None
     # Single-file layouts besides diffusers' own keys (see weights/layouts.py).
     single_file_layouts: ClassVar[tuple] = ()
+    # Whether a file's fp8 layers among `precision_sensitive` are loaded at full precision: where the pipeline
+    # casts its latents to the transformer's dtype (its first parameter's), fp8 embeddings would make that fp8.
+    full_precision_from_files: ClassVar[bool] = False
     # Transformer attributes holding the repeated blocks, in execution order (the units a cache skips
     # and an offloader streams).
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)

@@ -18,6 +18,7 @@ import torch
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
+from ..weights.layouts import FLUX2_BFL
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, kl_size_multiple
 from .facts import EMBEDDING, MODULATION, PrecisionSensitive
 
@@ -50,6 +51,9 @@ class _Flux2Base(ModelFamily):
     step_signal = None  # no published TeaCache table (and calibration needs a signal to record)
     cache_dit = True  # cache-dit 1.5.3's flux adapter lists Flux2Transformer2DModel (measured on dev and klein)
     precision_sensitive = _FLUX2_PRECISION_SENSITIVE
+    # A transformer file over a diffusers folder (transformer_file): BFL keys as ComfyUI's Flux.2 files hold them.
+    single_file_layouts = (FLUX2_BFL,)
+    full_precision_from_files = True  # Flux2 pipelines cast the latents to transformer.dtype
 
     def size_multiple(self, source: ModelSource) -> int:
         return kl_size_multiple(source)

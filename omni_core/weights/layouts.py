@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.loaders.single_file_utils import (
+    convert_flux2_transformer_checkpoint_to_diffusers,
     convert_wan_transformer_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
@@ -148,3 +149,36 @@ def flux_bfl_to_diffusers(state: StateDict) -> StateDict:
 
 
 FLUX_BFL = Layout("Flux BFL (ComfyUI)", "double_blocks.0.img_attn.qkv.weight", flux_bfl_to_diffusers)
+
+
+# --- Flux.2: BFL layout, diffusers' own converter -------------------------------------------------------
+_FLUX2_FUSED = {"img_attn": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_FLUX2_FINAL_ADALN = "final_layer.adaLN_modulation.1."
+
+
+def _split_like(value: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """A stored fp8 scale beside a fused or reordered weight: a scalar (per tensor) belongs to every part; one
+    per row is cut as the rows are."""
+    return [value] * parts if value.numel() == 1 else list(torch.chunk(value, parts, dim=0))
+
+
+def flux2_bfl_to_diffusers(state: StateDict) -> StateDict:
+    """diffusers' converter handles the weights (fused q/k/v split, the final adaLN's (shift, scale) swapped); the
+    fp8 scales stored beside the fused q/k/v and the final adaLN are split and swapped here the same way."""
+    scales: StateDict = {}
+    for key in list(state):
+        if key.endswith((".weight", ".bias", ".scale")):
+            continue
+        parts = key.split(".")
+        if key.startswith("double_blocks.") and parts[3] == "qkv":
+            leaf = ".".join(parts[4:])
+            for name, piece in zip(_FLUX2_FUSED[parts[2]], _split_like(state.pop(key), 3)):
+                scales[f"transformer_blocks.{parts[1]}.{name}.{leaf}"] = piece
+        elif key.startswith(_FLUX2_FINAL_ADALN):
+            shift, scale = _split_like(state.pop(key), 2)
+            scales["norm_out.linear." + key[len(_FLUX2_FINAL_ADALN):]] = scale if shift is scale else torch.cat([scale, shift])
+    return {**convert_flux2_transformer_checkpoint_to_diffusers(state), **scales}
+
+
+FLUX2_BFL = Layout("Flux.2 BFL (ComfyUI)", "double_stream_modulation_img.lin.weight", flux2_bfl_to_diffusers)

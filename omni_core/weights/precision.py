@@ -135,10 +135,13 @@ def stored_state(weights: WeightsFile, dtype: torch.dtype, state: dict[str, torc
     return out
 
 
-def dequantize_rest(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Fp8 tensors left in `state` (not a linear layer's weight, e.g. an embedding table) at `dtype`, in place."""
+def dequantize_rest(state: dict[str, torch.Tensor], dtype: torch.dtype, only=None) -> None:
+    """Fp8 tensors left in `state` (not a linear layer's weight, e.g. an embedding table) at `dtype`, in place;
+    `only(layer name)` limits it to some layers."""
     for key in [k for k, v in state.items() if v.dtype in FP8_DTYPES.values()]:
         layer, _ = _layer(key)
+        if only is not None and not only(layer):
+            continue
         scale = state.pop(f"{layer}.{SCALE}", torch.ones(()))
         state[key] = (state[key].float() * scale.float().reshape(-1, *([1] * (state[key].ndim - 1)))).to(dtype)
 

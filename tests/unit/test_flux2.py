@@ -198,3 +198,54 @@ def test_fp8_keeps_modulation_and_embeddings(model_dirs, store):
 
 
 MAX_FP8_ERROR = 0.05
+
+
+@pytest.fixture(scope="module")
+def flux2_files(model_dirs, tmp_path_factory) -> dict:
+    """The tiny Flux.2 dev and klein transformers as ComfyUI's Flux.2 files hold them (BFL keys; the key set and
+    shapes checked against ComfyUI's own class by tools/comfy_model_files.py), bf16 and fp8_scaled."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("flux2-files")
+    files = {}
+    for model in ("tiny-flux2", "tiny-flux2-klein"):
+        for precision in ("bf16", "fp8_scaled"):
+            path = out / f"{model}-{precision}.safetensors"
+            subprocess.run([sys.executable, "tools/comfy_model_files.py", str(model_dirs[model]), "--dit", str(path),
+                            "--precision", precision], check=True, capture_output=True)
+            files[model, precision] = str(path)
+    return files
+
+
+@pytest.mark.parametrize("model", ["tiny-flux2", "tiny-flux2-klein"])
+def test_a_comfyui_flux2_transformer_file_over_the_folder_gives_the_folders_output(model_dirs, store, flux2_files,
+                                                                                  model):
+    from omni_core import LoadSpec, OmniPipe
+    from omni_core.weights import open_weights
+    from omni_core.weights.layouts import strip_comfy_prefix
+    from omni_core.weights.precision import header_state
+
+    keys = set(strip_comfy_prefix(header_state(open_weights(flux2_files[model, "bf16"]))))
+    assert "double_blocks.0.img_attn.qkv.weight" in keys and "double_stream_modulation_img.lin.weight" in keys
+    request = _request(**CASES["dev" if model == "tiny-flux2" else "klein-cfg"][1])
+    folder = generate(tiny_pipe(model_dirs, model), request, store)
+    spec = LoadSpec.create(str(model_dirs[model]), model, transformer_files={"transformer": flux2_files[model, "bf16"]})
+    from_file = generate(OmniPipe(spec), request, store)
+    # bf16 in the file: the folder's fp32 weights rounded to bf16, so close, not equal
+    scale = folder.latent.abs().max()
+    assert 0 < (from_file.latent - folder.latent).abs().max() <= 0.05 * scale
+    spec8 = LoadSpec.create(str(model_dirs[model]), model,
+                            transformer_files={"transformer": flux2_files[model, "fp8_scaled"]})
+    fp8 = generate(OmniPipe(spec8), request, store)
+    assert (fp8.latent - folder.latent).abs().max() <= 0.25 * scale
+    loaded, _ = store.get(OmniPipe(spec8))
+    assert isinstance(loaded.pipeline.transformer.transformer_blocks[0].attn.to_q, FP8Linear)
+
+
+def test_a_flux2_file_alone_is_refused_with_what_to_do(flux2_files):
+    from omni_core import LoadSpec
+
+    with pytest.raises(InvalidInput, match=r"is a flux2 diffusion model, which Omni Accel loads only over a flux2 "
+                                           r"diffusers folder"):
+        LoadSpec.from_files({"transformer": flux2_files["tiny-flux2", "bf16"]}, "tiny-flux2.safetensors")
