@@ -80,7 +80,7 @@ class OmniLoader(OmniNode):
             inputs=[
                 io.Combo.Input("model", options=model_choices(),
                                tooltip="A diffusers pipeline folder (with model_index.json) under ComfyUI's models/diffusers "
-                                       "(also Flux.2 dev and klein), "
+                                       "(also Flux.2 dev and klein, LTX-2), "
                                        "or a single-file diffusion model from models/diffusion_models (or models/unet): "
                                        "Qwen-Image, Z-Image, Flux.1, Wan 2.1/2.2, in ComfyUI's layout or diffusers', "
                                        ".safetensors (bf16, fp8, fp8_scaled, mixed) or .gguf."),
@@ -92,8 +92,9 @@ class OmniLoader(OmniNode):
                                tooltip="A single-file transformer from models/diffusion_models (or models/unet) that replaces "
                                        "the folder's transformer: .safetensors or a quantized .gguf (kept quantized, "
                                        "dequantized on the fly), in diffusers keys or the ComfyUI/original layout of Flux, "
-                                       "Wan, Z-Image. Text encoders, VAE, tokenizer and scheduler still come from the "
-                                       "folder. Wan 2.2: the high-noise expert."),
+                                       "Flux.2, Wan, Z-Image, LTX-2 (Lightricks' keys: a transformer-only file or a whole "
+                                       "checkpoint, whose transformer is read). Text encoders, VAE, tokenizer and "
+                                       "scheduler still come from the folder. Wan 2.2: the high-noise expert."),
                 io.Combo.Input("transformer_2_file", options=["none", *transformer_files()], default="none", optional=True,
                                tooltip="Wan 2.2 only: a single-file low-noise expert (transformer_2), .safetensors or .gguf, "
                                        "from models/diffusion_models or models/unet."),

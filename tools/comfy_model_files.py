@@ -161,7 +161,45 @@ def _by_probe(state: dict, shapes: dict, to_diffusers) -> dict:
     return {name: flat[name].reshape(shapes[name]) for name in shapes}
 
 
+# Lightricks' LTX-2 names (what its checkpoints and ComfyUI's LTX-2 files hold, under "model.diffusion_model.") for
+# diffusers' ones: the inverse of diffusers' convert_ltx2_transformer_to_diffusers, checked by running it.
+_LTX2_ORIGINAL_NAMES = (
+    ("audio_time_embed.", "audio_adaln_single."), ("time_embed.", "adaln_single."),
+    ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+    ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+    ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+    ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+    ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+    ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+    ("norm_q", "q_norm"), ("norm_k", "k_norm"), ("proj_in", "patchify_proj"),
+)
+LTX2_PREFIX = "model.diffusion_model."
+
+
+def ltx2_original_key(key: str) -> str:
+    for ours, theirs in _LTX2_ORIGINAL_NAMES:
+        if ours.endswith(".") and key.startswith(ours):
+            key = theirs + key[len(ours):]
+        elif not ours.endswith("."):
+            key = key.replace(ours, theirs)
+    return LTX2_PREFIX + key
+
+
+def ltx2_in_original_layout(transformer: torch.nn.Module) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
+    state = {k: v.float() for k, v in transformer.state_dict().items()}
+    out = {ltx2_original_key(key): value for key, value in state.items()}
+    back = convert_ltx2_transformer_to_diffusers(dict(out))
+    if set(back) != set(state) or any(not torch.equal(back[k], state[k]) for k in state):
+        raise AssertionError(f"ltx2: not Lightricks' layout: diffusers' converter gives back "
+                             f"{sorted(set(back) ^ set(state))[:3]}")
+    return out
+
+
 def dit_in_comfy_layout(family: str, transformer: torch.nn.Module) -> dict:
+    if family == "ltx2":  # ComfyUI 0.3.75 has no LTX-2 class: Lightricks' own layout, which its later ones load
+        return ltx2_in_original_layout(transformer)
     comfy = _comfy()
     config = dict(transformer.config)
     state = {k: v.float() for k, v in transformer.state_dict().items()}
@@ -257,7 +295,7 @@ def write(path: Path, state: dict, metadata: dict | None = None) -> Path:
 
 
 FAMILIES = {"QwenImagePipeline": "qwen-image", "FluxPipeline": "flux", "ZImagePipeline": "z-image", "WanPipeline": "wan",
-            "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2"}
+            "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2", "LTX2Pipeline": "ltx2"}
 
 
 def write_pipeline_files(folder: Path, dit: Path | None = None, dit2: Path | None = None, vae: Path | None = None,
@@ -272,7 +310,9 @@ def write_pipeline_files(folder: Path, dit: Path | None = None, dit2: Path | Non
         transformer = getattr(diffusers, index[attr][1]).from_pretrained(str(folder), subfolder=attr,
                                                                         local_files_only=True)
         state = dit_in_comfy_layout(family, transformer)
-        write(out, *with_precision(state, linear_weights(comfy_dit(family, dict(transformer.config))), precision))
+        linear = ({ltx2_original_key(key) for key in linear_weights(transformer)} if family == "ltx2"
+                  else linear_weights(comfy_dit(family, dict(transformer.config))))
+        write(out, *with_precision(state, linear, precision))
     if vae is not None:
         model = getattr(diffusers, index["vae"][1]).from_pretrained(str(folder), subfolder="vae", local_files_only=True)
         write(vae, vae_in_comfy_layout(model)[1] | {}, None)

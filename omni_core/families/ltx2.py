@@ -18,6 +18,7 @@ import torch
 from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
+from ..weights.layouts import LTX2_CHECKPOINT, LTX2_ORIGINAL
 from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall
 from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
@@ -59,6 +60,9 @@ class LTX2Family(ModelFamily):
     audio = True
     block_lists = ("transformer_blocks",)
     block_io = LTX2_BLOCK_IO
+    # A transformer file over an LTX-2 folder (transformer_file): Lightricks' keys, as its checkpoints and ComfyUI's
+    # LTX-2 files hold them (a whole checkpoint's other parts are left to the folder).
+    single_file_layouts = (LTX2_ORIGINAL, LTX2_CHECKPOINT)
     # cache-dit 1.5.3's LTX-2 adapter replaces the transformer's forward with one that lacks `sigma` (TypeError on
     # the first call, both layouts): Cache-DiT runs the pack's DBCache on the blocks instead.
     cache_dit = False

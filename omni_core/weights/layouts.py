@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
+    convert_ltx2_transformer_to_diffusers,
     convert_wan_transformer_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
@@ -182,3 +183,19 @@ def flux2_bfl_to_diffusers(state: StateDict) -> StateDict:
 
 
 FLUX2_BFL = Layout("Flux.2 BFL (ComfyUI)", "double_stream_modulation_img.lin.weight", flux2_bfl_to_diffusers)
+
+
+# --- LTX-2: Lightricks' layout (its checkpoints, ComfyUI's LTX-2 files), diffusers' own converter ---------------
+_LTX2_PREFIX = "model.diffusion_model."
+_LTX2_MARKER = "av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight"
+
+
+def ltx2_checkpoint_to_diffusers(state: StateDict) -> StateDict:
+    """A whole LTX-2 checkpoint (transformer, VAEs, vocoder in one file): its transformer's keys only."""
+    return convert_ltx2_transformer_to_diffusers({k[len(_LTX2_PREFIX):]: v for k, v in state.items()
+                                                  if k.startswith(_LTX2_PREFIX)})
+
+
+# A transformer-only file (the prefix stripped by strip_comfy_prefix), then a whole checkpoint.
+LTX2_ORIGINAL = Layout("LTX-2 original (Lightricks, ComfyUI)", _LTX2_MARKER, convert_ltx2_transformer_to_diffusers)
+LTX2_CHECKPOINT = Layout("LTX-2 whole checkpoint (Lightricks)", _LTX2_PREFIX + _LTX2_MARKER, ltx2_checkpoint_to_diffusers)

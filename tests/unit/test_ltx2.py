@@ -264,3 +264,50 @@ def test_step_previews_show_the_videos_first_frame(model_dirs, store, method):
     assert all(preview is not None and preview.size == (request.width // 32 * (32 if method == "decoded" else 1),
                                                          request.height // 32 * (32 if method == "decoded" else 1))
                for _, _, preview in pictures[1:]), [p.size for _, _, p in pictures if p is not None]
+
+
+@pytest.fixture(scope="module")
+def ltx2_files(model_dirs, tmp_path_factory) -> dict:
+    """tiny-ltx2's transformer in Lightricks' layout (its checkpoints' and ComfyUI's LTX-2 files' keys, under
+    model.diffusion_model.; tools/comfy_model_files.py checks the keys by diffusers' own converter): bf16 and
+    fp8_scaled transformer-only files, and a whole checkpoint that also holds (here: stand-in) VAE tensors."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("ltx2-files")
+    files = {}
+    for precision in ("bf16", "fp8_scaled"):
+        files[precision] = out / f"tiny-ltx2-{precision}.safetensors"
+        subprocess.run([sys.executable, "tools/comfy_model_files.py", str(model_dirs["tiny-ltx2"]), "--dit",
+                        str(files[precision]), "--precision", precision], check=True, capture_output=True)
+    whole = load_file(str(files["bf16"]))
+    whole["vae.per_channel_statistics.mean-of-means"] = torch.zeros(8)
+    whole["audio_vae.per_channel_statistics.mean-of-means"] = torch.zeros(8)
+    files["checkpoint"] = out / "tiny-ltx2-checkpoint.safetensors"
+    save_file(whole, str(files["checkpoint"]))
+    return {kind: str(path) for kind, path in files.items()}
+
+
+def test_lightricks_layout_transformer_files_over_the_folder_give_the_folders_video(model_dirs, store, ltx2_files):
+    request = _request()
+    folder = generate(tiny_pipe(model_dirs, "tiny-ltx2"), request, store)
+    scale = folder.latent.abs().max()
+    for kind, bound in (("bf16", 0.05), ("checkpoint", 0.05), ("fp8_scaled", 0.3)):
+        spec = LoadSpec.create(str(model_dirs["tiny-ltx2"]), "tiny-ltx2",
+                               transformer_files={"transformer": ltx2_files[kind]})
+        result = generate(OmniPipe(spec), request, store)
+        moved = (result.latent - folder.latent).abs().max()
+        assert 0 < moved <= bound * scale, (kind, float(moved / scale))  # the file's bf16 / fp8 rounding
+        assert result.audio["waveform"].shape == folder.audio["waveform"].shape
+    loaded, _ = store.get(OmniPipe(spec))
+    assert isinstance(loaded.pipeline.transformer.transformer_blocks[0].attn1.to_q, FP8Linear)
+
+
+def test_a_transformer_file_of_another_size_is_refused_naming_the_key(model_dirs, ltx2_files):
+    from omni_core import ModelLoadError
+
+    with pytest.raises((ModelLoadError, InvalidInput), match=r"does not fit the transformer of 'tiny-ltx2-23'"):
+        LoadSpec.create(str(model_dirs["tiny-ltx2-23"]), "tiny-ltx2-23",
+                        transformer_files={"transformer": ltx2_files["bf16"]}).check_files()
