@@ -115,7 +115,7 @@ def calibrate(folder: str, prompts=DEFAULT_PROMPTS, steps: int = 30, cfg: float 
     pipe = OmniPipe(spec).with_accelerator(recorder)
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(prompt=prompt, seed=seed + i, steps=steps, cfg=cfg,
-                                    width=width or size, height=height or size, num_frames=5)
+                                    width=width or size, height=height or size, num_frames=9)  # 4k+1 and 8k+1
         generate(pipe, request, store)
     x, y = zip(*recorder.pairs)
     return fit_coefficients(x, y)
