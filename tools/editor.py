@@ -209,6 +209,14 @@ class Editor:
                                f"{outputs[:2000]}") from None
         return handle.json_value()
 
+    def wait_for_output(self, node_id: int, timeout_s: float = 300) -> dict:
+        """Waits until the editor has received the node's output files (a video's, which it shows in a player);
+        returns the first file's entry (filename, subfolder, type)."""
+        handle = self.page.wait_for_function(
+            "(id) => { const out = app.nodeOutputs?.[String(id)]; return out?.images?.[0] ?? null; }",
+            arg=node_id, timeout=timeout_s * 1000)
+        return handle.json_value()
+
     def fit_view(self) -> None:
         self.page.evaluate("() => app.canvas.deselectAll()")  # Fit View fits the selection when there is one
         self.page.locator('button[aria-label^="Fit View"]').first.click()
