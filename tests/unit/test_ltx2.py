@@ -311,3 +311,30 @@ def test_a_transformer_file_of_another_size_is_refused_naming_the_key(model_dirs
     with pytest.raises((ModelLoadError, InvalidInput), match=r"does not fit the transformer of 'tiny-ltx2-23'"):
         LoadSpec.create(str(model_dirs["tiny-ltx2-23"]), "tiny-ltx2-23",
                         transformer_files={"transformer": ltx2_files["bf16"]}).check_files()
+
+
+def test_the_recipes_flow_shift_and_boundary_ratio_mean_for_ltx2_what_they_mean_in_vllm_omni(model_dirs, store):
+    """Recipes F and G pass --flow-shift 1.0 --boundary-ratio 1.0, which vLLM-Omni's LTX-2 pipeline reads neither of:
+    the model's own schedule (its shift from the video's tokens) and one transformer. Here boundary_ratio is ignored
+    with a note, -1 keeps the model's own shift, and a flow_shift given is diffusers' own scheduler with that shift."""
+    from omni_core.schedule import shifted_scheduler
+
+    pipe = tiny_pipe(model_dirs, "tiny-ltx2")
+    own = generate(pipe, _request(), store)
+    assert own.report.sections["schedule"]["flow_shift"].startswith("the model's own: from the image size")
+    bounded = generate(pipe, _request(boundary_ratio=1.0), store)
+    assert torch.equal(bounded.latent, own.latent)
+    assert any(note.startswith("boundary_ratio ignored: ltx2 models have one transformer") for note in
+               bounded.report.notes)
+    shifted = generate(pipe, _request(flow_shift=1.0), store)
+    reference = reference_pipeline(str(model_dirs["tiny-ltx2"]))
+    scheduler = shifted_scheduler(reference.scheduler, 1.0)
+    original, reference.scheduler = reference.scheduler, scheduler
+    try:
+        video, _ = _diffusers(model_dirs, "tiny-ltx2", _request(), "latent", **LAYOUTS["2.0"][1])
+        sigmas = scheduler.sigmas.numpy().tolist()
+    finally:
+        reference.scheduler = original
+    assert torch.allclose(shifted.latent, video, rtol=0, atol=1e-6)
+    assert shifted.report.sections["schedule"]["sigmas"] == pytest.approx(sigmas, abs=1e-6)
+    assert not torch.allclose(shifted.latent, own.latent, atol=1e-3), "a shift of 1 is not LTX-2's own schedule"
