@@ -16,6 +16,7 @@ _.hold
 _.set_memory
 _.compare
 _.arm
+_.show
 # pytest fixtures that only set something up (requested by name, their value unused)
 _.small_edit_references
 # diffusers' ModelHook and torch's Module
