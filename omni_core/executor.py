@@ -159,6 +159,8 @@ class LocalExecutor(Executor):
             report.section("schedule").update(self.family.schedule_facts(run.pipeline, request))
         if latent.is_inference() and not torch.is_inference_mode_enabled():
             latent = latent.clone()  # callers outside inference mode get an ordinary tensor they may modify
+            if audio is not None:
+                audio = {**audio, "waveform": audio["waveform"].clone()}
         log.info("Omni Accel: %s, %d steps, %s transformer calls, %.2f s", self.spec.name, request.steps,
                  report.counters.get("transformer_calls"), report.stages.get("pipeline", 0.0))
         return Denoised(latent, audio)

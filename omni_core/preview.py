@@ -168,6 +168,7 @@ class Previewer:
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         side = self.memo.latent_side if self.throttled else _MAX_PREVIEW_LATENT
         kernel = -(-max(z.shape[-2:]) // side)
+        kernel = max(1, min(kernel, min(z.shape[-2:]) // 2))  # keep 2 latent pixels a side (LTX-2's VAE needs them)
         self.decoded_side = -(-max(z.shape[-2:]) // kernel)
         if kernel > 1:
             flat = z.flatten(1, 2) if z.ndim == 5 else z

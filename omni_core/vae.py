@@ -128,6 +128,8 @@ def decode_peak_bytes(vae, samples: torch.Tensor, options: DecodeOptions, float_
     config = vae.config
     channels = config.get("base_dim") or config["block_out_channels"][0]
     area = min(height * width, options.tile_size**2) if options.tiling else height * width
+    if whole_video:  # LTX's decoder works at 1/patch_size of the pixels and unpatchifies at the end
+        area //= config.get("patch_size", 1) ** 2
     rows = 1 if options.slicing else batch
     at_once = 1 if frames == 1 else frames if whole_video else min(frames, _VIDEO_FRAMES_AT_ONCE)
     features = _FULL_RESOLUTION_MAPS * rows * at_once * area * channels * float_bytes

@@ -13,6 +13,8 @@ VAE to a mel spectrogram, the vocoder to a waveform), as the pipeline itself doe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InvalidInput
@@ -24,6 +26,8 @@ from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensit
 
 # The released models' guidance (LTX2Pipeline's defaults, Lightricks' recommendation).
 AUDIO_CFG, STG_SCALE, MODALITY_SCALE = 7.0, 1.0, 3.0
+# LTX2Pipeline pads the prompt to its max_sequence_length (the connectors fill the padding with registers).
+PROMPT_TOKENS = 1024
 # The released models perturb block 28 of 48 for STG; a narrower model gets the block at the same depth.
 _STG_BLOCK, _RELEASED_BLOCKS = 28, 48
 
@@ -95,7 +99,9 @@ class LTX2Family(ModelFamily):
         return round(request.num_frames / request.frame_rate * 25)
 
     def split_streams(self, source: ModelSource, request: GenerationRequest) -> dict[str, int]:
-        return {"video": self.image_tokens(source, request), "audio": self.audio_tokens(request)}
+        # cache-dit's plan also splits both prompt streams, padded to the pipeline's max_sequence_length
+        return {"video": self.image_tokens(source, request), "audio": self.audio_tokens(request),
+                "prompt": PROMPT_TOKENS}
 
     def hidden_size(self, source: ModelSource) -> int:
         config = source.component_config("transformer")
@@ -114,6 +120,10 @@ class LTX2Family(ModelFamily):
             if getattr(request, name) < 2 * multiple:
                 raise InvalidInput(name, f"{getattr(request, name)}: the LTX-2 video VAE cannot decode a latent "
                                    f"1 pixel wide (its padding needs 2).", f"{2 * multiple} or more")
+        if self.audio_tokens(request) < 1:
+            raise InvalidInput("num_frames", f"{request.num_frames} frame(s) at {request.frame_rate:g} fps last less "
+                               "than one audio latent frame (1/25 s): the sound track would be empty.",
+                               f"at least {math.ceil(request.frame_rate / 50)} frames, or a lower frame_rate")
         factor = self.temporal_factor(source)
         if request.num_frames % factor != 1:
             lower = request.num_frames - request.num_frames % factor + 1

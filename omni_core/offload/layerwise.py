@@ -106,13 +106,13 @@ class ModelPlacement(Placement):
         super().__init__()
         self.names = family.components_in_order_of_use(pipeline)
         modules = [getattr(pipeline, name) for name in self.names]
-        streamer = WeightStreamer(modules, device, pin, use_stream=False)
+        # Buffers stay on the device: pipelines read VAEs' latent statistics between other components' turns.
+        streamer = WeightStreamer(modules, device, pin, use_stream=False, stream_buffers=False)
         streamer.on_move = functools.partial(self.count, streamer)
         self.streamers.append(streamer)
         self.streamer = streamer
         for index, module in enumerate(modules):
-            methods = ("forward", "encode", "decode") if self.names[index] == "vae" else ("forward",)
-            for method in methods:
+            for method in ("forward", "encode", "decode"):  # VAEs (LTX-2 has two) are called by encode/decode
                 if hasattr(module, method):
                     setattr(module, method, self._turn_taking(index, getattr(module, method)))
 

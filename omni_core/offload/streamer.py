@@ -16,11 +16,11 @@ from collections.abc import Callable
 import torch
 
 
-def _tensors(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
-    """(owner module, attribute name, tensor) for every parameter and buffer, each tensor once."""
+def _tensors(module: torch.nn.Module, buffers: bool = True) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(owner module, attribute name, tensor) for every parameter (and buffer), each tensor once."""
     seen, out = set(), []
     for owner in module.modules():
-        for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+        for name, tensor in [*owner._parameters.items(), *(owner._buffers.items() if buffers else ())]:
             if tensor is not None and id(tensor) not in seen:
                 seen.add(id(tensor))
                 out.append((owner, name, tensor))
@@ -44,17 +44,24 @@ def can_pin() -> bool:
 
 class WeightStreamer:
     """Keeps `units` (modules) off `device` except while loaded. `on_move(unit_index, nbytes)` is told of
-    every host-to-device copy."""
+    every host-to-device copy. `stream_buffers` False: the units' buffers (statistics, tables: small) stay on the
+    device, for pipelines that read them outside the unit's own calls (a VAE's latent statistics)."""
 
     def __init__(self, units: list[torch.nn.Module], device: str, pin_memory: bool, use_stream: bool,
-                 on_move: Callable[[int, int], None] | None = None):
+                 on_move: Callable[[int, int], None] | None = None, stream_buffers: bool = True):
         self.units = units
         self.device = torch.device(device)
         self.pinned = pin_memory and can_pin()
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda and use_stream else None
         self.on_move = on_move
-        self._tensors = [_tensors(unit) for unit in units]
+        self._tensors = [_tensors(unit, buffers=stream_buffers) for unit in units]
+        if not stream_buffers:
+            for unit in units:
+                for owner in unit.modules():
+                    for name, buffer in owner._buffers.items():
+                        if buffer is not None:
+                            buffer.data = buffer.data.to(self.device)
         self._masters: list[list[torch.Tensor]] = []
         self._events: dict[int, torch.cuda.Event] = {}
         self.resident: set[int] = set()

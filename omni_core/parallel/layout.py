@@ -266,10 +266,15 @@ class ParallelConfig(ExecutionLayout):
                    if not any(t % ranks for t in family.split_streams(source, replace(request, num_frames=frames)).values())]
         near = sorted(fitting, key=lambda frames: abs(frames - request.num_frames))[:2]
         described = ", ".join(f"{name} {tokens}" for name, tokens in uneven.items())
-        raise InvalidInput("num_frames", f"{request.num_frames} frames at {request.frame_rate:g} fps make {described} "
-                           f"tokens, which do not split evenly over {ranks} sequence-parallel ranks.",
-                           f"e.g. {' or '.join(map(str, sorted(near)))}, another frame_rate or size, or "
-                           "ulysses_degree x ring_degree 1")
+        problem = (f"{request.num_frames} frames at {request.frame_rate:g} fps make {described} tokens, which do not "
+                   f"split evenly over {ranks} sequence-parallel ranks.")
+        if not near:  # a stream no frame count changes (the prompt's)
+            streams = ", ".join(f"{name} {tokens}" for name, tokens in
+                                family.split_streams(source, request).items())
+            raise InvalidInput("ulysses_degree", problem, f"ulysses_degree x ring_degree dividing every stream's "
+                               f"tokens ({streams}), or 1")
+        raise InvalidInput("num_frames", problem, f"e.g. {' or '.join(map(str, sorted(near)))}, another frame_rate or "
+                           "size, or ulysses_degree x ring_degree 1")
 
     # --- memory: nothing of the pipeline lives in this process; CPU ranks share its memory ----------------
     def device_bytes(self, spec, components: dict[str, int]) -> dict[str, int]:

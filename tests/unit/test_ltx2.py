@@ -101,6 +101,7 @@ def test_guidance_inputs_change_the_passes(model_dirs, store):
     (dict(modality_scale=0.0), "modality_scale"),
     (dict(stg_scale=-0.5), "stg_scale"),
     (dict(frame_rate=float("nan")), "frame_rate"),
+    (dict(num_frames=1, frame_rate=60.0), "num_frames"),  # shorter than one audio latent frame: no sound
 ])
 def test_bad_inputs_are_refused_before_work(model_dirs, store, inputs, name):
     with pytest.raises(InvalidInput) as error:
@@ -203,6 +204,14 @@ def test_a_sequence_split_refuses_token_counts_that_do_not_divide(model_dirs, st
     with pytest.raises(InvalidInput, match=r"^num_frames: 9 frames at 24 fps make audio 9 tokens, which do not split "
                                            r"evenly over 2 sequence-parallel ranks\..*e\.g\. 17 or 25"):
         generate(pipe, _request(), store)
+
+
+def test_a_sequence_split_that_cannot_divide_the_prompt_is_refused(model_dirs, store, monkeypatch):
+    monkeypatch.setenv("OMNI_ACCEL_CPU_RANKS", "3")
+    pipe = tiny_pipe(model_dirs, "tiny-ltx2").with_accelerator(ParallelConfig(ring_degree=3))
+    with pytest.raises(InvalidInput, match=r"^ulysses_degree: 17 frames at 24 fps make prompt 1024 tokens, .*"
+                                           r"dividing every stream's tokens \(video 18, audio 18, prompt 1024\)"):
+        generate(pipe, _request(num_frames=17), store)
 
 
 def test_parallel_methods_that_do_not_fit_ltx2_are_refused_with_their_reason(model_dirs, monkeypatch):
@@ -338,3 +347,14 @@ def test_the_recipes_flow_shift_and_boundary_ratio_mean_for_ltx2_what_they_mean_
     assert torch.allclose(shifted.latent, video, rtol=0, atol=1e-6)
     assert shifted.report.sections["schedule"]["sigmas"] == pytest.approx(sigmas, abs=1e-6)
     assert not torch.allclose(shifted.latent, own.latent, atol=1e-3), "a shift of 1 is not LTX-2's own schedule"
+
+
+def test_a_wide_videos_preview_keeps_the_two_latent_pixels_the_vae_needs(model_dirs, store):
+    """1088x64 is a 34x2 latent: pooled to the preview's 32 latent pixels it would become 17x1, which LTX-2's VAE
+    cannot decode; the pooling keeps 2 a side, and the run goes on."""
+    pictures = []
+    result = generate(tiny_pipe(model_dirs, "tiny-ltx2"), _request(width=1088, height=64, steps=2), store,
+                      on_step=lambda done, total, preview: pictures.append(preview),
+                      previews=PreviewSettings(min_interval_s=0))
+    assert result.latent.shape[-2:] == (2, 34)
+    assert pictures[-1] is not None and pictures[-1].size[1] == 64
