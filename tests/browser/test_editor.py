@@ -69,23 +69,30 @@ def test_the_template_browser_lists_the_pack_and_opens_its_workflows(page, comfy
         with urllib.request.urlopen(comfy.url(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")) as answer:
             assert Image.open(io.BytesIO(answer.read())).format == "JPEG"
     dialog = page.open_templates(PACK_NAME)
-    listed = dialog.inner_text()
-    assert f"Showing {len(NAMES)} of {len(NAMES)} templates" in listed, "UI workflows only: API twins live in a subfolder"
-    seen = set(listed.split("\n"))
-    for _ in range(5):  # the grid draws the tiles in view: scroll it to the end to see the last ones
-        if all(name in seen for name in NAMES):
-            break
-        page.page.evaluate("""() => document.querySelectorAll('.p-dialog *').forEach(
-            (e) => { if (e.scrollHeight > e.clientHeight + 4) e.scrollTop = e.scrollHeight; })""")
-        page.page.wait_for_timeout(300)
-        seen |= set(dialog.inner_text().split("\n"))
-    assert all(name in seen for name in NAMES), [name for name in NAMES if name not in seen]
-    shown = page.page.evaluate(
-        "() => Array.from(document.querySelectorAll('.p-dialog img')).filter(i => i.complete && i.naturalWidth > 0).length")
-    assert shown >= 4, "the tiles show the thumbnails"
-    page.screenshot(ARTIFACTS / "template_browser.png", fit=False)
-    dialog.get_by_text("qwen_image_teacache", exact=True).click()
-    page.page.wait_for_function("() => !document.querySelector('.p-dialog')")
+    try:
+        # UI workflows only: API twins live in a subfolder
+        dialog.get_by_text(f"Showing {len(NAMES)} of {len(NAMES)} templates").wait_for(timeout=30_000)
+        seen = set(dialog.inner_text().split("\n"))
+        for _ in range(20):  # the grid draws the tiles in view: scroll it to the end to see the last ones
+            if all(name in seen for name in NAMES):
+                break
+            page.page.evaluate("""() => document.querySelectorAll('.p-dialog *').forEach(
+                (e) => { if (e.scrollHeight > e.clientHeight + 4) e.scrollTop = e.scrollHeight; })""")
+            page.page.wait_for_timeout(500)
+            seen |= set(dialog.inner_text().split("\n"))
+        assert all(name in seen for name in NAMES), [name for name in NAMES if name not in seen]
+        page.page.evaluate("() => document.querySelectorAll('.p-dialog *').forEach((e) => { e.scrollTop = 0; })")
+        page.page.wait_for_function(  # the tiles show the thumbnails (they load lazily)
+            "() => Array.from(document.querySelectorAll('.p-dialog img'))"
+            ".filter(i => i.complete && i.naturalWidth > 0).length >= 4", timeout=30_000)
+        page.screenshot(ARTIFACTS / "template_browser.png", fit=False)
+        tile = dialog.get_by_text("qwen_image_teacache", exact=True)
+        tile.scroll_into_view_if_needed()
+        tile.click()
+        page.page.wait_for_function("() => !document.querySelector('.p-dialog')")
+    finally:  # an open dialog would stand in front of every later test's page
+        if page.page.locator(".p-dialog").count():
+            page.page.keyboard.press("Escape")
     page.settle()
     assert page.serialize()["nodes"] == _ui("qwen_image_teacache")["nodes"]
     assert page.problems() == []
