@@ -21,7 +21,23 @@ def _signature(block_class: type) -> inspect.Signature:
     return inspect.signature(block_class.forward)
 
 
+@lru_cache(maxsize=None)
+def _plain_parameters(block_class: type) -> tuple[str, ...] | None:
+    """The parameter names (`self` first) of a forward that takes only named parameters (no *args, **kwargs,
+    keyword-only or positional-only), which a call maps to its arguments by position then name; None for any other
+    forward."""
+    parameters = list(_signature(block_class).parameters.values())
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters)
+
+
 def bound_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The block call's arguments by name, as given (defaults not filled in). Runs on every block of every
+    model call, so the common forward skips inspect's general binding (a measurable share of a skipped call)."""
+    names = _plain_parameters(type(block))
+    if names is not None and len(args) < len(names) and all(name in names[len(args) + 1:] for name in kwargs):
+        return {**dict(zip(names, (block, *args))), **kwargs}
     bound = _signature(type(block)).bind(block, *args, **kwargs)
     return dict(bound.arguments)
 

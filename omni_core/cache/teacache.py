@@ -16,6 +16,7 @@ own accumulator, so its decisions stay exactly what they would be alone.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -55,12 +56,14 @@ def parse_coefficients(text: str) -> tuple[float, ...] | None:
     return values
 
 
-def rescale(coefficients: tuple[float, ...], rel_l1: torch.Tensor) -> torch.Tensor:
-    """Polynomial rescaling, clamped at 0: a change cannot be negative (fits dip below 0 near x=0)."""
-    value = torch.zeros_like(rel_l1)
+def rescaled(coefficients: tuple[float, ...], rel_l1: float) -> float:
+    """Polynomial rescaling of one branch's change, clamped at 0 (a change cannot be negative; fits dip below 0
+    near x=0). Python floats, as the published TeaCache implementations accumulate: a decision costs no tensor
+    operation."""
+    value = 0.0
     for c in coefficients:
         value = value * rel_l1 + c
-    return value.clamp_min(0.0)
+    return max(value, 0.0)
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor, reduce_sum=None) -> torch.Tensor:
@@ -152,11 +155,12 @@ class Branch:
 
 @dataclass
 class ChunkState:
-    """What one branch group (the rows of one chunk) carries from call to call."""
+    """What one branch group (the rows of one chunk) carries from call to call (per row: accumulator and
+    skips in a row, as Python numbers)."""
 
     previous_signal: torch.Tensor | None = None
-    accumulated: torch.Tensor | None = None  # per row
-    consecutive_skips: torch.Tensor | None = None  # per row
+    accumulated: list[float] = field(default_factory=list)
+    consecutive_skips: list[int] = field(default_factory=list)
     residual: torch.Tensor | None = None
     branches: list[Branch] = field(default_factory=list)
     names: tuple[str, ...] = ()
@@ -197,7 +201,8 @@ class TeaCacheController:
         if self.skipping:
             arguments = bound_arguments(block, args, kwargs)
             if block is self.last:
-                residual = torch.cat([state.residual for state, _ in self._active])
+                residuals = [state.residual for state, _ in self._active]
+                residual = residuals[0] if len(residuals) == 1 else torch.cat(residuals)
                 return io.output(arguments, self._stack_input + residual, self._tokens)
             return io.output(arguments, io.stream_in(arguments, self._tokens), self._tokens)
         output = original_forward(*args, **kwargs)
@@ -224,44 +229,43 @@ class TeaCacheController:
             chunk_signal = signal[part]
             if state.previous_signal is not None and state.previous_signal.shape != chunk_signal.shape:
                 state.previous_signal, state.residual = None, None  # another size: start afresh
-            if state.accumulated is None or state.accumulated.shape[0] != rows:
-                state.accumulated = torch.zeros(rows)
-                state.consecutive_skips = torch.zeros(rows, dtype=torch.long)
+            if len(state.accumulated) != rows:
+                state.accumulated, state.consecutive_skips = [0.0] * rows, [0] * rows
                 state.branches = [Branch() for _ in range(rows)]
                 state.previous_signal, state.residual = None, None
             if state.previous_signal is None or state.residual is None:
-                rel = torch.full((rows,), float("inf"))
+                rel = [math.inf] * rows
             else:
-                rel = relative_l1(chunk_signal, state.previous_signal, self.reduce_sum).cpu()
+                rel = relative_l1(chunk_signal, state.previous_signal, self.reduce_sum).tolist()
             state.previous_signal = chunk_signal
-            finite = torch.isfinite(rel)
-            state.accumulated = state.accumulated + torch.where(
-                finite, rescale(self.table.values, torch.where(finite, rel, 0.0)), 0.0)
             bound = self.config.max_consecutive_skips
-            wanted = finite & (state.accumulated < self.config.rel_l1_thresh) & call.in_window
-            if bound >= 0:
-                wanted &= state.consecutive_skips < bound
+            wanted = []
+            for row, change in enumerate(rel):
+                if math.isfinite(change):
+                    state.accumulated[row] += rescaled(self.table.values, change)
+                wanted.append(math.isfinite(change) and state.accumulated[row] < self.config.rel_l1_thresh
+                              and call.in_window and (bound < 0 or state.consecutive_skips[row] < bound))
             self._active.append((state, part))
-            wants.append((state, chunk, rel, finite, wanted))
-        self.skipping = all(bool(wanted.all()) for *_, wanted in wants)
+            wants.append((state, chunk, rel, wanted))
+        self.skipping = all(all(wanted) for *_, wanted in wants)
         if self.skipping:
             self.skipped += 1
         else:
             self.computed += 1
 
-        for state, chunk, rel, finite, wanted in wants:
+        for state, chunk, rel, wanted in wants:
             for row, branch in enumerate(state.branches):
                 branch.wanted.append("S" if wanted[row] else "C")
                 branch.pattern.append("S" if self.skipping else "C")
-                branch.rel_l1.append(round(float(rel[row]), 6) if finite[row] else None)
-                branch.accumulated.append(round(float(state.accumulated[row]), 6))
+                branch.rel_l1.append(round(rel[row], 6) if math.isfinite(rel[row]) else None)
+                branch.accumulated.append(round(state.accumulated[row], 6))
                 branch.steps.append(call.step)
+                # A branch that decided to compute starts accumulating afresh; one computed only because
+                # another row needed it keeps its accumulator (its own decisions stay independent).
+                if not wanted[row]:
+                    state.accumulated[row] = 0.0
+                state.consecutive_skips[row] = state.consecutive_skips[row] + 1 if self.skipping else 0
             state.names = chunk.names
-            # A branch that decided to compute starts accumulating afresh; one computed only because
-            # another row needed it keeps its accumulator (its own decisions stay independent).
-            state.accumulated = torch.where(wanted, state.accumulated, torch.zeros_like(state.accumulated))
-            state.consecutive_skips = (state.consecutive_skips + 1 if self.skipping
-                                       else torch.zeros_like(state.consecutive_skips))
 
     # --- reporting --------------------------------------------------------------------------------
     def branches(self) -> dict[str, Branch]:

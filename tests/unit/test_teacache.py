@@ -11,7 +11,7 @@ import torch
 from omni_core import GenerationRequest, IncompatibleStack, InvalidInput, generate
 from omni_core.block_hooks import bound_arguments
 from omni_core.cache.calibrate import calibrate, fit_coefficients
-from omni_core.cache.teacache import TeaCache, parse_coefficients, relative_l1, rescale
+from omni_core.cache.teacache import TeaCache, parse_coefficients, relative_l1, rescaled
 from omni_core.probes import block_attention
 from tests.helpers import counting_block_passes, edit_images, tiny_pipe
 
@@ -25,6 +25,31 @@ FAMILY_MODELS = {
 
 def _request(**kwargs):
     return GenerationRequest(**{"prompt": "a red circle", "negative_prompt": "blurry", "seed": 2, "steps": 8, "cfg": 4.0, **kwargs})
+
+
+class _Named(torch.nn.Module):
+    def forward(self, hidden_states, temb=None, mask=None):
+        return hidden_states, temb, mask
+
+
+class _Variadic(torch.nn.Module):
+    def forward(self, hidden_states, *rest, scale=1.0, **extra):
+        return hidden_states, rest, scale, extra
+
+
+@pytest.mark.parametrize("block, args, kwargs", [
+    (_Named(), (1,), {}), (_Named(), (1, 2), {"mask": 3}), (_Named(), (), {"hidden_states": 1, "mask": 2}),
+    (_Named(), (1, 2, 3), {}), (_Variadic(), (1, 2, 3), {"scale": 4, "other": 5}), (_Variadic(), (1,), {}),
+])
+def test_block_arguments_by_name_are_inspects_binding(block, args, kwargs):
+    assert bound_arguments(block, args, kwargs) == dict(inspect.signature(type(block).forward).bind(
+        block, *args, **kwargs).arguments)
+
+
+@pytest.mark.parametrize("args, kwargs", [((1,), {"hidden_states": 2}), ((1, 2, 3, 4), {}), ((1,), {"other": 2})])
+def test_block_arguments_a_forward_would_refuse_are_refused(args, kwargs):
+    with pytest.raises(TypeError):
+        bound_arguments(_Named(), args, kwargs)
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -46,9 +71,8 @@ def test_settings_are_checked_with_named_inputs():
 
 
 def test_rescale_and_relative_change():
-    x = torch.tensor([0.0, 0.1, 0.5])
-    assert torch.allclose(rescale((2.0, 1.0), x), torch.tensor([1.0, 1.2, 2.0]))
-    assert rescale((-1.0, 0.0), x).min() == 0, "negative polynomial values are clamped"
+    assert [rescaled((2.0, 1.0), x) for x in (0.0, 0.1, 0.5)] == pytest.approx([1.0, 1.2, 2.0])
+    assert rescaled((-1.0, 0.0), 0.5) == 0 and rescaled((1.0, -2.0, 1.0), 3.0) == 4.0, "clamped at 0; highest power first"
     prev = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     rel = relative_l1(torch.tensor([[1.5, 0.5], [1.0, 1.0]]), prev)
     assert rel[0] == pytest.approx(0.5) and torch.isinf(rel[1]), "an all-zero previous signal forces a compute"
