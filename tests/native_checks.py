@@ -161,12 +161,10 @@ def last_report(model) -> dict:
 
 
 def _blocks_clean(model) -> bool:
-    from omni_pack.omni_core.families import native_family
-
-    module = model.model.diffusion_model
-    blocks = native_family(type(module).__name__).native.blocks(module)
-    return not any(hasattr(block, "_diffusers_hook") for block in blocks) and all(
-        "forward" not in vars(block) for block in blocks)
+    """No module of the denoiser (its blocks, its position embedder, anything else) keeps a hook or a forward
+    of its own after a run."""
+    return not any(hasattr(module, "_diffusers_hook") or "forward" in vars(module)
+                   for module in model.model.diffusion_model.modules())
 
 
 def zero_threshold_is_identical(families: list[str], samplers: list[str]) -> list[dict]:
@@ -182,7 +180,7 @@ def zero_threshold_is_identical(families: list[str], samplers: list[str]) -> lis
                 report = last_report(patched)
                 out.append(dict(family=family, sampler=sampler, cache=kind, identical=bool(torch.equal(plain, cached)),
                                 skipped=report["calls_skipped"], computed=report["calls_computed"],
-                                clean=_blocks_clean(model)))
+                                position_tables=report["position_tables"], clean=_blocks_clean(model)))
     return out
 
 

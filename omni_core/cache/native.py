@@ -21,12 +21,14 @@ from ..errors import IncompatibleStack, InvalidInput
 from ..families import ModelFamily, native_class_names, native_family
 from .cachedit import CacheDiT, scm_mask
 from .dbcache import DBCacheController
+from .position_tables import PositionTables, weightless
 from .support import Call, Chunk, SigmaBranches, row_names, step_index
 from .teacache import TeaCache, TeaCacheController
 
 log = logging.getLogger("omni_accel")
 
 HOOK_NAME = "omni_native_cache"
+POSITIONS_HOOK = "omni_native_position_tables"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class NativeCacheRun:
         self.label = label
         self.model: NativeModel | None = None
         self.controller: TeaCacheController | DBCacheController | None = None
+        self.positions: PositionTables | None = None
         self._hooks = ExitStack()
         self._branches = SigmaBranches()
         self._call: Call | None = None
@@ -136,6 +139,10 @@ class NativeCacheRun:
         self.family = family
         self.block_count = len(blocks)
         self._hooks.enter_context(hooked_blocks(model.module, blocks, self.controller.on_block, HOOK_NAME))
+        embedder = getattr(model.module, native.position_embedder or "", None)
+        if isinstance(embedder, torch.nn.Module) and weightless(embedder):
+            self.positions = PositionTables()
+            self._hooks.enter_context(hooked_blocks(model.module, [embedder], self.positions.on_call, POSITIONS_HOOK))
 
     @contextmanager
     def call(self, uuids: Sequence | None, cond_or_uncond: Sequence[int] | None, sigma: float) -> Iterator[None]:
@@ -186,6 +193,7 @@ class NativeCacheRun:
             "calls_computed": computed,
             "calls_skipped": skipped,
             "settings": {k: v for k, v in accelerator.describe().items() if k != "kind"},
+            "position_tables": self.positions.report() if self.positions else None,
         }
         if isinstance(controller, TeaCacheController):
             branches = {

@@ -117,7 +117,8 @@ class NativeBlocks:
     read from the first block (the same tensor the diffusers family's signal reads, so the published tables
     apply); `in_place`: the blocks update the tensors they are given in place (a cache must copy what it
     keeps); `refused` maps unet_config's image_model values this class also serves but the caches do not
-    support to the reason.
+    support to the reason; `position_embedder`: the model's attribute holding its weightless RoPE embedder
+    (ComfyUI's EmbedND), whose tables a cache run computes once per set of positions.
     """
 
     class_names: tuple[str, ...]
@@ -126,6 +127,7 @@ class NativeBlocks:
     signal: StepSignal
     in_place: bool = False
     refused: dict[str, str] = field(default_factory=dict)
+    position_embedder: str | None = None
 
     def io_of(self, block: torch.nn.Module) -> BlockIO:
         return self.block_io[type(block).__name__]

@@ -71,6 +71,7 @@ _FLUX_NATIVE = NativeBlocks(
     block_lists=("double_blocks", "single_blocks"),
     block_io={"DoubleStreamBlock": _FLUX_DOUBLE, "SingleStreamBlock": BlockIO("x", joined=True)},
     signal=StepSignal(read=_native_flux_modulated_input, block_io=_FLUX_DOUBLE, coefficients=_FLUX_TABLE),
+    position_embedder="pe_embedder",
     in_place=True,
     refused={"flux2": "Flux 2 blocks take shared modulation and have no fitted TeaCache table yet"},
 )

@@ -54,6 +54,7 @@ _QWEN_NATIVE = NativeBlocks(
     block_lists=("transformer_blocks",),
     block_io={"QwenImageTransformerBlock": _QWEN_STEP_SIGNAL.block_io},
     signal=replace(_QWEN_STEP_SIGNAL, read=_native_qwen_modulated_input),
+    position_embedder="pe_embedder",
 )
 
 

@@ -90,6 +90,7 @@ _WAN_NATIVE = NativeBlocks(
     block_io={"WanAttentionBlock": BlockIO("x")},
     signal=StepSignal(read=_native_wan_timestep_projection, block_io=BlockIO("x"), coefficients=_WAN_1_3B,
                       by_depth=_WAN_STEP_SIGNAL.by_depth),
+    position_embedder="rope_embedder",
 )
 
 

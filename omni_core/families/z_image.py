@@ -77,6 +77,7 @@ _Z_IMAGE_NATIVE = NativeBlocks(
     block_lists=("layers",),
     block_io={"JointTransformerBlock": BlockIO("x")},
     signal=replace(_Z_IMAGE_STEP_SIGNAL, read=_native_z_image_modulated_input),
+    position_embedder="rope_embedder",
 )
 
 

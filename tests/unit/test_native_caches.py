@@ -52,7 +52,11 @@ def test_never_skipping_is_bit_identical_for_every_family_and_sampler():
     for result in results:
         assert result["identical"], result
         assert result["skipped"] == 0 and result["computed"] > 0, result
-        assert result["clean"], f"hooks left on the blocks after the run: {result}"
+        # the RoPE tables were reused (one set of positions per branch), and the output is still the plain one
+        tables = result["position_tables"]
+        assert tables["reused"] > 0 and 0 < tables["computed"] <= 2, result
+        assert tables["computed"] + tables["reused"] == result["computed"], result
+        assert result["clean"], f"hooks left on the model after the run: {result}"
 
 
 def _rule(rel_l1, threshold):
@@ -207,3 +211,34 @@ def test_teacache_window_reads_percent_as_easycache_does():
             assert decision == "C", (step, schedule[step], start, end)
             outside += 1
     assert outside >= 4
+
+
+def test_position_tables_are_reused_only_for_equal_positions():
+    """The RoPE memo in isolation: equal positions (another tensor, same values) reuse the table, other values or
+    another shape compute; a caller changing its table in place does not change what later calls get; the hook
+    is gone after the run."""
+    import torch
+
+    from omni_core.block_hooks import hooked_blocks
+    from omni_core.cache.position_tables import PositionTables, weightless
+
+    class Rotary(torch.nn.Module):
+        def forward(self, ids):
+            return torch.sin(ids.unsqueeze(-1) * torch.arange(1, 5))
+
+    root = torch.nn.Module()
+    root.embedder = Rotary()
+    assert weightless(root.embedder) and not weightless(torch.nn.Linear(2, 2))
+    ids = torch.arange(12.0).reshape(1, 4, 3)
+    tables = PositionTables()
+    with hooked_blocks(root, [root.embedder], tables.on_call, "positions"):
+        first = root.embedder(ids)
+        again = root.embedder(ids.clone())
+        again.mul_(0)  # the model changing its copy in place
+        other_values = root.embedder(ids + 1)
+        other_shape = root.embedder(ids[:, :3])
+        third = root.embedder(ids)
+    assert torch.equal(first, Rotary()(ids)) and torch.equal(third, first)
+    assert torch.equal(other_values, Rotary()(ids + 1)) and torch.equal(other_shape, Rotary()(ids[:, :3]))
+    assert tables.report() == {"computed": 3, "reused": 2}
+    assert not hasattr(root.embedder, "_diffusers_hook") and "forward" not in vars(root.embedder)
