@@ -218,7 +218,16 @@ def cache_efficiency(row_speedup: float, fraction: float, base: dict[str, float]
     return ideal, row_speedup / ideal
 
 
-def summarize(rows: list[Row], baseline: Row) -> list[dict]:
+def paired_speedup(row: Row, baseline: Row) -> float:
+    """The median over timing slots (one prompt of one round, where every row ran back to back in a shuffled
+    order) of the baseline's seconds / the row's in the same slot: a machine that drifts between slots moves both
+    alike."""
+    base = {(r["round"], r["prompt"]): r["seconds"] for r in baseline.raw}
+    return statistics.median(base[(r["round"], r["prompt"])] / r["seconds"] for r in row.raw)
+
+
+def summarize(rows: list[Row], baseline: Row, paired: bool = False) -> list[dict]:
+    """Per row: times, speedup (medians' ratio, or `paired_speedup`), scores against the baseline's images."""
     base_time = statistics.median(baseline.times)
     base_parts = breakdown_medians(baseline)
     out = []
@@ -226,7 +235,7 @@ def summarize(rows: list[Row], baseline: Row) -> list[dict]:
         pairs = [(row.images[i], baseline.images[i]) for i in sorted(baseline.images)]
         scores = [{"prompt": i, **pair_scores(a, b)}
                   for i, (a, b) in zip(sorted(baseline.images), pairs)]
-        speedup = base_time / statistics.median(row.times)
+        speedup = paired_speedup(row, baseline) if paired else base_time / statistics.median(row.times)
         fraction = float(np.mean(row.fraction))
         entry = {
             "name": row.name,

@@ -149,15 +149,20 @@ def grid(out: Path, scenario: dict) -> str:
 
 def method_notes(scenario: dict) -> list[str]:
     request = scenario["request"]
+    if scenario.get("paired_speedup"):
+        timing = (f"rows run back to back in a shuffled order on each prompt of each round (seed "
+                  f"{scenario.get('row_order_seed')}), warm-up not timed. Speedup = the median over those (round, prompt) "
+                  "slots of the baseline's wall time (generate + VAE decode) / the row's in the same slot")
+    else:
+        timing = (f"rows shuffled per round (seed {scenario.get('row_order_seed')}), warm-up not timed. Speedup = median "
+                  "wall time (generate + VAE decode) of the baseline / the row's")
     return [f"Model `{scenario['model']}`, {request['width']}x{request['height']}, {request['steps']} steps, cfg "
-            f"{request['cfg']}, {len(scenario['prompts'])} prompt(s) x {scenario['rounds']} interleaved round(s), rows "
-            f"shuffled per round (seed {scenario.get('row_order_seed')}), warm-up not timed. Speedup = median wall time "
-            "(generate + VAE decode) of the baseline / the row's; PSNR/SSIM against the uncached images; block passes "
-            "computed = calls of each block's attention query projection (a row that predicts attention but runs the "
-            "MLPs, diffusers TaylorSeer, counts only the attention it computed). The seconds columns are medians of one "
-            "more, untimed pass with a timer on every block call; ideal speedup = the baseline's time with its block "
+            f"{request['cfg']}, {len(scenario['prompts'])} prompt(s) x {scenario['rounds']} round(s), {timing}; PSNR/SSIM "
+            "against the uncached images; block passes computed = calls of each block's attention query projection (a "
+            "row that predicts attention but runs the MLPs, diffusers TaylorSeer, counts only the attention it computed). "
+            "The seconds columns are medians of one more, untimed pass with a timer on every block call; ideal speedup = the baseline's time with its block "
             "seconds scaled by the row's fraction computed and every other cost kept; cache efficiency = speedup / ideal "
-            "(above 1 when a method also skips work outside the blocks, as TeaCache skips whole transformer calls). "
+            "(above 1 when a method also skips work outside the blocks: whole model calls, as ComfyUI's EasyCache skips). "
             "DiT MB: the denoiser's weights held in memory between runs. Raw times per repetition and per-prompt "
             "scores are in results.json.", ""]
 

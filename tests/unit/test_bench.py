@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,6 @@ import torch
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_result(tmp_path):
-    import statistics
-
     from bench.report import meets_gate
     from bench.run import main
 
@@ -170,9 +169,17 @@ def test_native_head_to_head_runs_every_cache_through_comfyuis_sampling(tmp_path
                        "EasyCache (ComfyUI)", "LazyCache (ComfyUI)"}
     baseline = scenario["rows"][0]
     assert baseline["name"] == "baseline" and baseline["fraction_computed"] == 1.0 and baseline["psnr_db"] == 99.0
+    # Every slot (a prompt of a round) ran every row, shuffled; a speedup pairs the baseline's time in each slot.
+    slots = scenario["rounds"] * len(scenario["prompts"])
+    assert scenario["paired_speedup"] and len(scenario["row_order_per_slot"]) == slots
+    names = sorted(row["name"] for row in scenario["rows"])
+    assert all(sorted(order) == names for order in scenario["row_order_per_slot"])
+    base = {(r["round"], r["prompt"]): r["seconds"] for r in baseline["repetitions"]}
     for row in scenario["rows"]:
-        assert len(row["repetitions"]) == scenario["rounds"] * len(scenario["prompts"])
+        assert len(row["repetitions"]) == slots
         assert all(r["seconds"] > 0 for r in row["repetitions"])
+        assert row["speedup"] == pytest.approx(statistics.median(
+            base[(r["round"], r["prompt"])] / r["seconds"] for r in row["repetitions"]))
         assert 0 < row["fraction_computed"] <= 1.0
     assert set(scenario["head_to_head"]) == methods - {"baseline"}
     assert set(scenario["held_out"]["chosen"]) == methods - {"baseline"}
