@@ -326,6 +326,17 @@ class ModelFamily:
         return {"transformer": request.steps}
 
 
+def check_frame_count(num_frames: int, factor: int, why: str) -> None:
+    """A video VAE that compresses `factor` frames into one takes factor*k+1 frames; `why` completes the
+    message ("which the Wan VAE needs ...")."""
+    if num_frames % factor == 1 % factor:
+        return
+    lower = num_frames - num_frames % factor + 1
+    below = lower - factor if lower > num_frames else lower
+    raise InvalidInput("num_frames", f"{num_frames} is not {factor}k+1, {why}",
+                       f"{factor}k+1, e.g. {max(1, below)} or {max(1, below) + factor}")
+
+
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype a module computes in: its first full-precision floating tensor's (fp8 and GGUF layers store
     weights in other types)."""

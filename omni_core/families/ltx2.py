@@ -21,7 +21,7 @@ from ..errors import InvalidInput
 from ..request import GenerationRequest
 from ..source import ModelSource
 from ..weights.layouts import LTX2_CHECKPOINT, LTX2_ORIGINAL
-from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, PipelineCall, check_frame_count
 from .facts import EMBEDDING, MODULATION, BlockIO, Coefficients, PrecisionSensitive, StepSignal
 
 # The released models' guidance (LTX2Pipeline's defaults, Lightricks' recommendation).
@@ -125,13 +125,8 @@ class LTX2Family(ModelFamily):
                                "than one audio latent frame (1/25 s): the sound track would be empty.",
                                f"at least {math.ceil(request.frame_rate / 50)} frames, or a lower frame_rate")
         factor = self.temporal_factor(source)
-        if request.num_frames % factor != 1:
-            lower = request.num_frames - request.num_frames % factor + 1
-            below = lower - factor if lower > request.num_frames else lower
-            raise InvalidInput(
-                "num_frames", f"{request.num_frames} is not {factor}k+1, which the LTX-2 VAE needs (it compresses "
-                f"{factor} frames into one; the pipeline would drop frames from the video but not from the sound).",
-                f"{factor}k+1, e.g. {max(1, below)} or {max(1, below) + factor}")
+        check_frame_count(request.num_frames, factor, f"which the LTX-2 VAE needs (it compresses {factor} frames into "
+                          "one; the pipeline would drop frames from the video but not from the sound).")
 
     @staticmethod
     def perturbed_attention(pipeline) -> bool:

@@ -6,11 +6,10 @@ import copy
 
 import torch
 
-from ..errors import InvalidInput
 from ..weights.layouts import WAN_ORIGINAL
 from ..request import GenerationRequest
 from ..source import ModelSource
-from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, mean_std_latent
+from .base import COMMON_PRECISION_SENSITIVE, ModelFamily, check_frame_count, mean_std_latent
 from .facts import (
     EMBEDDING, MODULATION, BlockIO, Coefficients, NativeBlocks, PrecisionSensitive, ReleasedDefaults, Shapes,
     SingleFile, StepSignal, count,
@@ -134,14 +133,7 @@ class WanFamily(ModelFamily):
     def check_request(self, source: ModelSource, request: GenerationRequest) -> None:
         super().check_request(source, request)
         factor = self.temporal_factor(source)
-        if request.num_frames % factor != 1:
-            lower = request.num_frames - request.num_frames % factor + 1
-            below = lower - factor if lower > request.num_frames else lower
-            raise InvalidInput(
-                "num_frames",
-                f"{request.num_frames} is not {factor}k+1, which the Wan VAE needs (it compresses {factor} frames into one).",
-                f"{factor}k+1, e.g. {max(1, below)} or {max(1, below) + factor}",
-            )
+        check_frame_count(request.num_frames, factor, f"which the Wan VAE needs (it compresses {factor} frames into one).")
 
     def denoiser_steps(self, pipeline, request: GenerationRequest) -> dict[str, int]:
         """Wan 2.2 gives steps with timestep >= boundary_ratio x 1000 to the high-noise expert, the rest to the other."""
