@@ -195,11 +195,11 @@ class TeaCacheController:
     # --- block hooks ------------------------------------------------------------------------------
     def on_block(self, block, original_forward, args, kwargs):
         io = self.io_of(block)
+        # bound once: the first block decides (and may skip), later blocks need the arguments only when skipping
+        arguments = bound_arguments(block, args, kwargs) if block is self.first or self.skipping else None
         if block is self.first:
-            arguments = bound_arguments(block, args, kwargs)
             self._begin_call(block, arguments)
         if self.skipping:
-            arguments = bound_arguments(block, args, kwargs)
             if block is self.last:
                 residuals = [state.residual for state, _ in self._active]
                 residual = residuals[0] if len(residuals) == 1 else torch.cat(residuals)
